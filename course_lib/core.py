@@ -16,12 +16,14 @@ __all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'stat
 def test_near(a, b, eps=1e-5):
     "`test_close` under the course's name: `a` and `b` within `eps`, element-wise."
     test_close(a, b, eps)
+test_near.__test__ = False  # a helper, not a test for pytest to collect
 
 # %% ../nbs/00_core.ipynb #4f04150a
 def test_between(x, lo, hi, what='value'):
     "Check `lo <= x <= hi`, with a message naming `what`, the value and the band."
     x = float(x)
     if not (lo <= x <= hi): raise AssertionError(f'{what} = {x:.6g}, expected between {lo} and {hi}')
+test_between.__test__ = False
 
 # %% ../nbs/00_core.ipynb #018a70dd
 def listify(o):

@@ -261,8 +261,9 @@ def load_mnist(): return load_idx_dataset('mnist')
 # %% ../nbs/00b_data.ipynb #a1617314
 def get_data(name='fashion_mnist', n_valid=10000):
     "`x_train, y_train, x_valid, y_valid`: flat float images in [0,1], the last `n_valid` training images as validation."
+    if not isinstance(n_valid, int) or n_valid < 1: raise ValueError(f'n_valid={n_valid!r}, expected a positive int')
     x, y, _, _ = load_idx_dataset(name)
-    if not 0 < n_valid < len(x): raise ValueError(f'n_valid={n_valid}, expected between 1 and {len(x)-1}')
+    if n_valid >= len(x): raise ValueError(f'n_valid={n_valid}, expected fewer than the {len(x)} training images')
     x = x.reshape(len(x), -1).float() / 255
     return x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:]
 
