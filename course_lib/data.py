@@ -116,7 +116,7 @@ def _fetch(f:DataFile, dest:Path, timeout=60):
             pb = None
             if _show_progress() and total:
                 from fastprogress.fastprogress import progress_bar
-                pb = progress_bar(range(total)); pb.comment = f.fname
+                pb = progress_bar(range(total)); pb.comment = f.fname; pb.update(0)
             done = 0
             while chunk := r.read(1<<20):
                 out.write(chunk); h.update(chunk); done += len(chunk)

@@ -246,3 +246,10 @@ def test_cifar10_nothing_found(data_env, monkeypatch):
 
 def test_get_data_bad_split(data_env, monkeypatch):
     with pytest.raises(ValueError, match='n_valid=-3'): get_data(n_valid=-3)
+
+def test_download_with_progress_bar(data_env, tmp_path, monkeypatch, capsys):
+    d, _ = data_env
+    monkeypatch.setattr(cd, '_show_progress', lambda: True)
+    s = src_for(tmp_path, content=b'z' * (3 << 20))
+    assert download_data(s) == [d/'f.txt'] and (d/'f.txt').stat().st_size == 3 << 20
+    assert 'f.txt' in capsys.readouterr().out

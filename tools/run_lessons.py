@@ -52,7 +52,7 @@ def run(path, out_dir, flags, timeout):
     client = NotebookClient(runnable, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
     try: client.execute()
     except CellExecutionError as e:
-        last = [l for l in str(e).strip().splitlines() if l.strip()]
+        last = [l for l in re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() if l.strip()]
         status = 'FAILED: ' + (last[-1][:150] if last else 'error')
     except Exception as e: status = f'FAILED: {type(e).__name__}: {str(e)[:150]}'
     secs = time.time() - start
