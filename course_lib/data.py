@@ -86,13 +86,14 @@ def sha256sum(path, bs=1<<20):
         while b := f.read(bs): h.update(b)
     return h.hexdigest()
 
+def _trusted(path): return path.with_name(path.name + '.sha256')
+
 def _checked(f:DataFile, path):
-    "True if `path` has an accepted digest; warn and accept when none is recorded for the canonical file."
+    "True if `path` has an accepted digest, or the one remembered when it was downloaded without a recorded digest."
     digest = sha256sum(path)
     if digest in f.digests: return True
-    if f.sha256 is None and not f.mirror_sha256: 
-        warnings.warn(f'{path}: no sha256 recorded for {f.fname}; using it unchecked (sha256 {digest})')
-        return True
+    t = _trusted(path)
+    if f.sha256 is None and t.is_file() and t.read_text().strip() == digest: return True
     warnings.warn(f'{path}: sha256 {digest} is not one of {f.digests}; ignoring this copy')
     return False
 
@@ -122,10 +123,12 @@ def _fetch(f:DataFile, dest:Path, timeout=60):
                 out.write(chunk); h.update(chunk); done += len(chunk)
                 if pb: pb.update(min(done, total))
         digest = h.hexdigest()
-        if f.digests and digest not in f.digests:
-            if f.sha256 is not None: raise ChecksumError(f'{f.fname} from {f.url}: expected sha256 {" or ".join(f.digests)}, got {digest}')
-            warnings.warn(f'{f.fname}: canonical sha256 not recorded; keeping the download unchecked (sha256 {digest})')
+        trust = digest not in f.digests
+        if trust and f.sha256 is not None: raise ChecksumError(f'{f.fname} from {f.url}: expected sha256 {" or ".join(f.digests)}, got {digest}')
         os.replace(tmp, dest)
+        if trust:
+            warnings.warn(f'{f.fname}: canonical sha256 not recorded; keeping the download unchecked and remembering its sha256 {digest}')
+            _trusted(dest).write_text(digest + '\n')
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return dest

@@ -52,11 +52,18 @@ def test_interrupted_download_leaves_nothing(data_env, tmp_path, monkeypatch, ex
     if isinstance(exc, OSError): assert 'reset by peer' in str(e.value)
     assert leftovers(d) == []
 
-def test_unrecorded_canonical_digest_warns(data_env, tmp_path):
+def test_unrecorded_canonical_digest_warns(data_env, tmp_path, monkeypatch):
     d, _ = data_env
     origin = tmp_path/'o'; origin.mkdir(); (origin/'x.bin').write_bytes(b'new')
     s = DataSource('t', 'text', (DataFile('x.bin', (origin/'x.bin').as_uri(), None, 'cd'*32),))
     with pytest.warns(UserWarning, match=sha(b'new')): assert download_data(s) == [d/'x.bin']
+    assert (d/'x.bin.sha256').read_text().strip() == sha(b'new')
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert download_data(s) == [d/'x.bin']                  # remembered: found again without a warning
+    (d/'x.bin').write_bytes(b'changed')
+    with pytest.raises(DataNotFoundError): monkeypatch.setenv('COURSE_OFFLINE', '1'); download_data(s)
 
 def test_unknown_name():
     with pytest.raises(KeyError, match="unknown dataset 'imagenet'"): download_data('imagenet')
