@@ -1,0 +1,186 @@
+import math
+from functools import partial
+import pytest, torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.training import accuracy, Dataset, get_dls
+from course_lib.callbacks import *
+from course_lib.anneal import *
+
+
+def make_data(n_train=40, n_valid=10, bs=4, ni=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n_train + n_valid, ni, generator=g), torch.randint(0, 3, (n_train + n_valid,), generator=g)
+    return DataBunch(*get_dls(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs), c=3)
+
+def bn_model(ni=6, nh=8):
+    return nn.Sequential(nn.Linear(ni, nh), nn.BatchNorm1d(nh), nn.ReLU(), nn.Dropout(0.1), nn.Linear(nh, 3))
+
+def two_group_opt(model, cls=optim.SGD, **kw):
+    return cls([{'params': model[0].parameters(), 'lr': 0.01}, {'params': list(model[1].parameters()) + list(model[4].parameters()), 'lr': 0.1}], **kw)
+
+
+# --- schedules ---
+
+@pytest.mark.parametrize('f,mid', [(sched_lin, 5.), (sched_cos, 5.), (sched_no, 2.), (sched_exp, 4.)])
+def test_schedules_at_0_half_1(f, mid):
+    s = f(2., 8.)
+    assert s(0.) == pytest.approx(2.)
+    assert s(0.5) == pytest.approx(mid)
+    assert s(1.) == pytest.approx(2. if f is sched_no else 8.)
+
+def test_sched_cos_is_flat_at_ends():
+    s = sched_cos(0., 1.)
+    assert s(0.01) < 0.001 and s(0.99) > 0.999
+
+def test_combine_scheds_rejects_bad_pcts():
+    scheds = cos_1cycle_anneal(0.1, 1., 0.)
+    with pytest.raises(ValueError, match=r'sum to 0.9, expected 1'): combine_scheds([0.3, 0.6], scheds)
+    with pytest.raises(ValueError, match='negative'): combine_scheds([1.1, -0.1], scheds)
+    with pytest.raises(ValueError, match='2 pcts for 3 schedules'): combine_scheds([0.5, 0.5], scheds + [sched_no(0, 0)])
+
+def test_combine_scheds_continuous_at_joins_and_zero_shares():
+    s = combine_scheds([0.25, 0., 0.5, 0.25], [sched_lin(0, 1), sched_no(5, 5), sched_cos(1, 3), sched_exp(3, 0.03)])
+    for j in (0.25, 0.75):
+        assert s(j - 1e-9) == pytest.approx(s(j), abs=1e-6) and s(j + 1e-9) == pytest.approx(s(j), abs=1e-6)
+    assert [s(0.), s(0.25), s(0.75), s(1.)] == pytest.approx([0., 1., 3., 0.03])
+    assert all(isinstance(s(p / 100), float) for p in range(101))
+    assert 5. not in [s(p / 100) for p in range(101)]  # the zero-share piece is never used
+
+def test_one_cycle_shape():
+    s = combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.01, 1., 1e-4))
+    assert [s(0.), s(0.3), s(1.)] == pytest.approx([0.01, 1., 1e-4])
+
+
+# --- ParamScheduler and Recorder ---
+
+def test_param_scheduler_each_group_own_schedule():
+    model = bn_model()
+    opt = two_group_opt(model, momentum=0.9)
+    lin, cos = sched_lin(0.01, 0.001), sched_cos(0.2, 0.02)
+    run = Runner(cbs=[Recorder(), ParamScheduler('lr', [lin, cos]), ParamScheduler('momentum', sched_lin(0.8, 0.9))])
+    run.fit(2, Learner(model, opt, F.cross_entropy, make_data()))
+    rec, n = run.recorder, run.n_iter
+    assert n == 20
+    pos = [i / 20 for i in range(20)]
+    assert rec.group_lrs[0] == pytest.approx([lin(p) for p in pos])
+    assert rec.group_lrs[1] == pytest.approx([cos(p) for p in pos])
+    assert rec.lrs is rec.group_lrs[1]
+    assert all(pg['momentum'] == pytest.approx(sched_lin(0.8, 0.9)(19 / 20)) for pg in opt.param_groups)
+
+def test_param_scheduler_checks_inputs():
+    learn = lambda: Learner(bn_model(), two_group_opt(bn_model()), F.cross_entropy, make_data())
+    with pytest.raises(ValueError, match='3 schedules for 2 parameter groups'): Runner(cbs=ParamScheduler('lr', [sched_no(1, 1)] * 3)).fit(1, learn())
+    with pytest.raises(KeyError, match="'mom' is not a hyper-parameter of SGD"): Runner(cbs=ParamScheduler('mom', sched_no(1, 1))).fit(1, learn())
+    for bad in (lambda p: torch.tensor(0.1), lambda p: None, lambda p: '0.1', lambda p: float('nan')):
+        with pytest.raises(TypeError, match='expected a finite real number'): Runner(cbs=ParamScheduler('lr', bad)).fit(1, learn())
+
+def test_recorder_keeps_tensors_and_converts_lazily():
+    run = Runner(cbs=[Recorder, partial(AvgStatsCallback, accuracy, silent=True)])
+    run.fit(2, Learner(bn_model(), optim.SGD(bn_model().parameters(), 0.1), F.cross_entropy, make_data()))
+    rec = run.recorder
+    assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in rec._losses)
+    assert len(rec.losses) == len(rec.lrs) == run.n_iter == 20
+    assert all(type(o) is float for o in rec.losses + rec.lrs)
+
+
+def _count_syncs(monkeypatch):
+    counts = {}
+    for name in ('item', 'cpu', 'tolist', 'numpy', '__float__', '__bool__'):
+        orig = getattr(torch.Tensor, name)
+        def wrap(self, *a, _orig=orig, _n=name, **k):
+            counts[_n] = counts.get(_n, 0) + 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrap)
+    return counts
+
+def test_default_callbacks_sync_a_number_of_times_independent_of_batches(monkeypatch):
+    def syncs(n_train):
+        model = bn_model()
+        learn = Learner(model, optim.SGD(model.parameters(), 0.1, momentum=0.9), F.cross_entropy, make_data(n_train, n_train))
+        cbs = [Recorder(), AvgStatsCallback(accuracy, silent=True),
+               ParamScheduler('lr', combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.01, 0.1, 0.001)))]
+        counts = _count_syncs(monkeypatch)
+        Runner(cbs=cbs).fit(2, learn)
+        monkeypatch.undo()
+        return counts
+    n, n3 = syncs(40), syncs(120)
+    assert n == n3, (n, n3)
+
+
+# --- SGDR ---
+
+def test_sgdr_fires_on_cycle_end_after_each_cycle():
+    class Log(Callback):
+        _order = 5
+        def begin_fit(self): self.ends = []
+        def on_cycle_end(self): self.ends.append((self.cycle, self.epoch))
+    model = bn_model()
+    run = Runner(cbs=[Recorder(), SGDRCallback(0.1, 0.001, n_cycles=3, cycle_len=1, cycle_mult=2), Log()])
+    run.fit(7, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
+    assert run.log.ends == [(0, 0), (1, 2), (2, 6)]
+    lrs = run.recorder.lrs
+    assert [lrs[i] for i in (0, 10, 30)] == pytest.approx([0.1] * 3)  # restarts
+    assert lrs[9] < 0.004 and lrs[29] < 0.002 and lrs[69] < 0.002  # the last batch of each cycle is close to min_lr
+    with pytest.raises(ValueError, match=r'expected fit\(7'): Runner(cbs=SGDRCallback(0.1)).fit(6, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
+    with pytest.raises(ValueError, match='cycle_len=0'): sgdr_cycles(2, cycle_len=0)
+
+
+# --- LR finder ---
+
+def _snapshot(model, opt):
+    "Every tensor and setting lr_find could touch, as plain copies."
+    ts = {('t', k): v.detach().clone() for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    ts.update({('g', k): None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()})
+    for i, p in enumerate(opt.param_groups[0]['params'] + opt.param_groups[-1]['params']):
+        for k, v in opt.state.get(p, {}).items(): ts[('s', i, k)] = v.clone() if torch.is_tensor(v) else v
+    groups = [{k: v for k, v in pg.items() if k != 'params'} for pg in opt.param_groups]
+    modes = [m.training for m in model.modules()]
+    return ts, groups, modes
+
+def _assert_same(a, b):
+    (ta, ga, ma), (tb, gb, mb) = a, b
+    assert ta.keys() == tb.keys() and ga == gb and ma == mb
+    for k in ta:
+        if ta[k] is None or tb[k] is None: assert ta[k] is tb[k] is None, k
+        elif torch.is_tensor(ta[k]): assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+        else: assert ta[k] == tb[k], k
+
+@pytest.mark.parametrize('cls,kw', [(optim.SGD, dict(momentum=0.9, weight_decay=1e-4)), (optim.Adam, {})])
+def test_lr_find_restores_everything(cls, kw):
+    model = bn_model()
+    data = make_data(n_train=80, bs=8)
+    opt = two_group_opt(model, cls, **kw)
+    Runner().fit(1, Learner(model, opt, F.cross_entropy, data))  # some optimizer state and BN statistics first
+    xb, yb = next(iter(data.train_dl))
+    F.cross_entropy(model(xb), yb).backward()  # and pending gradients
+    model.eval(); model[1].train()              # and mixed modes
+    before = _snapshot(model, opt)
+    assert int(model[1].num_batches_tracked) > 0 and any(k[0] == 's' for k in before[0])
+    rec = lr_find(Learner(model, opt, F.cross_entropy, data), max_iter=30, min_lr=1e-4, max_lr=100)
+    assert 2 <= len(rec.lrs) <= 30
+    after = _snapshot(model, opt)
+    _assert_same(before, after)
+
+def test_lr_find_sweep_is_exponential_and_stops_on_explosion():
+    model = bn_model()
+    data = make_data(n_train=400, bs=8)
+    rec = lr_find(Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, data), max_iter=100, min_lr=1e-3, max_lr=1e4)
+    lrs, losses = rec.lrs, rec.losses
+    assert lrs[0] == pytest.approx(1e-3)
+    assert [lrs[i + 1] / lrs[i] for i in range(len(lrs) - 1)] == pytest.approx([(1e7) ** (1 / 99)] * (len(lrs) - 1))
+    assert len(lrs) < 100 and (losses[-1] > 10 * min(losses[:-1]) or not math.isfinite(losses[-1]))
+
+def test_lr_find_bad_args_and_preserved_on_exception():
+    with pytest.raises(ValueError, match='expected 0 < min_lr < max_lr'): LR_Find(min_lr=1., max_lr=0.1)
+    with pytest.raises(ValueError, match='max_iter=1'): LR_Find(max_iter=1)
+    model = bn_model()
+    opt = optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    learn = Learner(model, opt, F.cross_entropy, make_data())
+    before = _snapshot(model, opt)
+    class Boom(Callback):
+        def after_step(self):
+            if self.n_iter == 3: raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'):
+        with preserved(learn): Runner(cbs=Boom).fit(1, learn)
+    _assert_same(before, _snapshot(model, opt))
