@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse, copy, os, statistics, sys, time
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Callable
 import torch
 from torch import nn, optim
@@ -27,6 +28,9 @@ from course_lib.data import get_data, normalize
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import Runner, Learner, DataBunch, AvgStatsCallback
 from course_lib.anneal import Recorder, ParamScheduler, combine_scheds, cos_1cycle_anneal
+from course_lib.init import init_cnn
+from course_lib.hooks import (DeviceCallback, BatchTransformXCallback, MixedPrecision, HooksCallback, append_stats,
+                              view_tfm, get_cnn_model)
 
 
 @dataclass
@@ -104,6 +108,57 @@ def hand_fit(epochs, model, opt, loss_func, data, sched, metrics=(accuracy,)):
         history.append((torch.stack([torch.as_tensor(o).float() for o in [tl, *tm]]) / tc).tolist()
                        + (torch.stack([torch.as_tensor(o).float() for o in [vl, *vm]]) / vc).tolist())
     return history, torch.stack(losses).tolist(), lrs
+
+
+def l5_cnn(): return init_cnn(get_cnn_model(SimpleNamespace(c=10), [8, 16, 32, 32], leak=0.1, sub=0.4, maxv=6.), a=0.1)
+
+def l5_runner_cbs():
+    "Lesson 5's callbacks: device, reshape, bf16 autocast, activation statistics (`append_stats`) on the four conv blocks."
+    return [DeviceCallback('cpu'), BatchTransformXCallback(view_tfm(1, 28, 28)), MixedPrecision(torch.bfloat16),
+            HooksCallback(append_stats, mods=lambda m: m[:4])]
+
+def l5_hand_setup(model, opt):
+    "The same statistics for (a): `append_stats` registered straight on the conv blocks (no Hook/Hooks/callback)."
+    for m in model[:4]: m.register_forward_hook(partial(append_stats, SimpleNamespace()))
+
+def l5_hand_fit(epochs, model, opt, loss_func, data, sched, metrics=(accuracy,)):
+    "`hand_fit` plus lesson 5's per-batch work inline: move to the device (non-blocking), reshape, bf16 autocast."
+    lrs, losses, history = [], [], []
+    dev, ac = torch.device('cpu'), partial(torch.autocast, 'cpu', dtype=torch.bfloat16)
+    for epoch in range(epochs):
+        n_epochs, iters = float(epoch), len(data.train_dl)
+        model.train()
+        tl, tm, tc = 0., [0.] * len(metrics), 0
+        for xb, yb in data.train_dl:
+            xb, yb = xb.to(dev, non_blocking=True).view(-1, 1, 28, 28), yb.to(dev, non_blocking=True)
+            for pg in opt.param_groups: pg['lr'] = sched(n_epochs / epochs)
+            with ac():
+                pred = model(xb)
+                loss = loss_func(pred, yb)
+            with torch.no_grad():
+                bn = len(yb); tc += bn; tl += loss.detach() * bn
+                for i, m in enumerate(metrics): tm[i] += m(pred, yb) * bn
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            lrs.append(opt.param_groups[-1]['lr']); losses.append(loss.detach())
+            n_epochs += 1. / iters
+        model.eval()
+        with torch.no_grad():
+            vl, vm, vc = 0., [0.] * len(metrics), 0
+            for xb, yb in data.valid_dl:
+                xb, yb = xb.to(dev, non_blocking=True).view(-1, 1, 28, 28), yb.to(dev, non_blocking=True)
+                with ac():
+                    pred = model(xb)
+                    loss = loss_func(pred, yb)
+                bn = len(yb); vc += bn; vl += loss.detach() * bn
+                for i, m in enumerate(metrics): vm[i] += m(pred, yb) * bn
+        history.append((torch.stack([torch.as_tensor(o).float() for o in [tl, *tm]]) / tc).tolist()
+                       + (torch.stack([torch.as_tensor(o).float() for o in [vl, *vm]]) / vc).tolist())
+    return history, torch.stack(losses).float().tolist(), lrs
+
+CASES.append(Case('l5cnn', l5_cnn, bs=128, n_train=(5_000, 30_000), lr=0.2, runner_cbs=l5_runner_cbs,
+                  hand_setup=l5_hand_setup, hand_loop=l5_hand_fit))
 
 
 def runner_fit(epochs, model, opt, loss_func, data, sched, extra_cbs=()):

@@ -72,7 +72,7 @@ class CancelEpochException(Exception): "Stop this pass over a loader: the runner
 class CancelBatchException(Exception): "Stop this batch: the runner fires `after_cancel_batch`, then `after_batch`."
 
 # %% ../nbs/03_callbacks.ipynb #5b32f7e0
-_run_state = ('model', 'opt', 'loss_func', 'data', 'learn', 'cbs', 'xb', 'yb', 'pred', 'loss', 'epoch', 'epochs',
+_run_state = ('model', 'opt', 'loss_func', 'data', 'learn', 'cbs', 'xb', 'yb', 'pred', 'loss', 'epoch', 'epochs', 'start_epoch',
               'n_epochs', 'n_iter', 'in_train', 'iters', 'iter', 'fit', 'one_batch', 'all_batches', 'add_cbs', 'remove_cbs')
 
 def _as_cb(o):
@@ -82,6 +82,14 @@ def _as_cb(o):
     return cb
 
 def _defines(cb, event): return event in vars(cb) or hasattr(type(cb), event)
+
+def _n_items(dl):
+    ds = getattr(dl, 'dataset', None)
+    return f'{len(ds)} items, batch size {getattr(dl, "batch_size", "?")}' if hasattr(ds, '__len__') else 'no items'
+
+def _add_note(e, note):
+    "Add `note` to exception `e` unless an inner event already named the callback that raised."
+    if not any(n.startswith('Runner: raised by') for n in getattr(e, '__notes__', ())): e.add_note(note)
 
 # %% ../nbs/03_callbacks.ipynb #0450e21e
 class Runner():
@@ -151,11 +159,13 @@ def all_batches(self:Runner, dl):
 @patch
 def fit(self:Runner, epochs, learn):
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
+    if len(learn.data.train_dl) == 0: raise ValueError(f'the training loader has no batches ({_n_items(learn.data.train_dl)}), expected at least one')
     self.epochs,self.learn,self.loss = epochs,learn,torch.tensor(0.)
     self._setup()
     try:
+        self.start_epoch = 0  # a callback resuming from a checkpoint moves it in `begin_fit`
         self('begin_fit')
-        for epoch in range(epochs):
+        for epoch in range(self.start_epoch, epochs):
             self.epoch = epoch
             if not self('begin_epoch'): self.all_batches(self.data.train_dl)
             with torch.no_grad():
@@ -172,7 +182,13 @@ def __call__(self:Runner, cb_name):
     fs = self._handlers.get(cb_name)
     if fs is None: fs = self._handlers[cb_name] = [getattr(cb, cb_name) for cb in self.cbs if _defines(cb, cb_name)]
     res = False
-    for f in fs: res = bool(f()) or res
+    try:
+        for f in fs: res = bool(f()) or res
+    except (CancelTrainException, CancelEpochException, CancelBatchException): raise
+    except Exception as e:
+        cb = next((cb for cb in self.cbs if getattr(cb, cb_name, None) == f), f)
+        _add_note(e, f'Runner: raised by callback {type(cb).__name__} in event {cb_name!r}')
+        raise
     return res
 
 # %% ../nbs/03_callbacks.ipynb #bafa1283

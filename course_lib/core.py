@@ -9,8 +9,8 @@ import numpy as np, torch
 from fastcore.test import *
 
 # %% auto #0
-__all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'stats', 'default_device', 'set_seed', 'course_size',
-           'size_pick', 'headline']
+__all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'stats', 'default_device', 'set_seed', 'interactive',
+           'course_size', 'size_pick', 'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
 def test_near(a, b, eps=1e-5):
@@ -60,6 +60,12 @@ def set_seed(seed=42, deterministic=False):
     "Seed `random`, NumPy and PyTorch (CPU and CUDA); `deterministic` also asks cuDNN for reproducible kernels."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+# %% ../nbs/00_core.ipynb #1c7bd290
+def interactive():
+    "True when output goes to a terminal or a Jupyter kernel and the `CI` environment variable is not set."
+    import sys
+    return not os.environ.get('CI') and (sys.stdout.isatty() or 'ipykernel' in sys.modules)
 
 # %% ../nbs/00_core.ipynb #86985ea1
 SIZES = ('quick', 'full')

@@ -98,8 +98,6 @@ def _checked(f:DataFile, path):
     return False
 
 # %% ../nbs/00b_data.ipynb #72335fcc
-def _show_progress(): return not os.environ.get('CI') and (sys.stdout.isatty() or 'ipykernel' in sys.modules)
-
 def _places(src:DataSource, f:DataFile):
     "Where `f` may already be, in search order."
     roots = [data_dir()] + mirror_dirs()
@@ -115,7 +113,7 @@ def _fetch(f:DataFile, dest:Path, timeout=60):
         with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(f.url, timeout=timeout) as r:
             total = int(r.headers.get('Content-Length') or 0)
             pb = None
-            if _show_progress() and total:
+            if interactive() and total:
                 from fastprogress.fastprogress import progress_bar
                 pb = progress_bar(range(total)); pb.comment = f.fname; pb.update(0)
             done = 0

@@ -256,7 +256,7 @@ def test_get_data_bad_split(data_env, monkeypatch):
 
 def test_download_with_progress_bar(data_env, tmp_path, monkeypatch, capsys):
     d, _ = data_env
-    monkeypatch.setattr(cd, '_show_progress', lambda: True)
+    monkeypatch.setattr(cd, 'interactive', lambda: True)
     s = src_for(tmp_path, content=b'z' * (3 << 20))
     assert download_data(s) == [d/'f.txt'] and (d/'f.txt').stat().st_size == 3 << 20
     assert 'f.txt' in capsys.readouterr().out
