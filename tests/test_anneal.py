@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
 from course_lib.anneal import *
+from conftest import count_syncs
 
 
 def make_data(n_train=40, n_valid=10, bs=4, ni=6, seed=0):
@@ -84,23 +85,13 @@ def test_recorder_keeps_tensors_and_converts_lazily():
     assert all(type(o) is float for o in rec.losses + rec.lrs)
 
 
-def _count_syncs(monkeypatch):
-    counts = {}
-    for name in ('item', 'cpu', 'tolist', 'numpy', '__float__', '__bool__'):
-        orig = getattr(torch.Tensor, name)
-        def wrap(self, *a, _orig=orig, _n=name, **k):
-            counts[_n] = counts.get(_n, 0) + 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, wrap)
-    return counts
-
 def test_default_callbacks_sync_a_number_of_times_independent_of_batches(monkeypatch):
     def syncs(n_train):
         model = bn_model()
         learn = Learner(model, optim.SGD(model.parameters(), 0.1, momentum=0.9), F.cross_entropy, make_data(n_train, n_train))
         cbs = [Recorder(), AvgStatsCallback(accuracy, silent=True),
                ParamScheduler('lr', combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.01, 0.1, 0.001)))]
-        counts = _count_syncs(monkeypatch)
+        counts = count_syncs(monkeypatch)
         Runner(cbs=cbs).fit(2, learn)
         monkeypatch.undo()
         return counts

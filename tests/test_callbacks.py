@@ -5,6 +5,7 @@ from torch import nn, optim
 import torch.nn.functional as F
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
+from conftest import count_syncs
 
 
 def make_learn(n_train=40, n_valid=10, bs=4, ni=6, seed=0):
@@ -193,20 +194,10 @@ def test_avg_stats_prints_a_line_per_epoch(capsys):
     with pytest.raises(TypeError, match='not callable'): AvgStatsCallback(['accuracy'])
 
 
-def _count_syncs(monkeypatch):
-    counts = {}
-    for name in ('item', 'cpu', 'tolist', 'numpy', '__float__', '__bool__'):
-        orig = getattr(torch.Tensor, name)
-        def wrap(self, *a, _orig=orig, _n=name, **k):
-            counts[_n] = counts.get(_n, 0) + 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, wrap)
-    return counts
-
 def test_train_eval_and_avg_stats_do_not_sync_per_batch(monkeypatch):
     def syncs(n_train):
         learn = make_learn(n_train=n_train, n_valid=n_train, bs=4)
-        counts = _count_syncs(monkeypatch)
+        counts = count_syncs(monkeypatch)
         Runner(cbs=partial(AvgStatsCallback, accuracy, silent=True)).fit(2, learn)
         monkeypatch.undo()
         return counts
