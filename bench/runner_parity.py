@@ -24,13 +24,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from course_lib.core import set_seed
-from course_lib.data import get_data, normalize
+from course_lib.datasets import get_data, normalize
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import Runner, Learner, DataBunch, AvgStatsCallback
 from course_lib.anneal import Recorder, ParamScheduler, combine_scheds, cos_1cycle_anneal
 from course_lib.init import init_cnn
-from course_lib.hooks import (DeviceCallback, BatchTransformXCallback, MixedPrecision, HooksCallback, append_stats,
-                              view_tfm, get_cnn_model)
+from course_lib.cuda import DeviceCallback, BatchTransformXCallback, view_tfm
+from course_lib.cnn import get_cnn_model
+from course_lib.hooks import HooksCallback, append_stats
+from course_lib.accel import MixedPrecision
 
 
 @dataclass

@@ -42,6 +42,9 @@ class Recorder(Callback):
         "Loss against learning rate, log scale: the LR finder's picture."
         ax, n = ax or plt.subplots()[1], len(self._losses)-skip_last
         ax.plot(self.group_lrs[pgid][:n], self.losses[:n]); ax.set_xscale('log'); ax.set_xlabel('lr'); ax.set_ylabel('loss')
+    def state_dict(self): return {'group_lrs': self.group_lrs, 'losses': torch.stack(self._losses) if self._losses else torch.zeros(0)}
+    def load_state_dict(self, sd, device=None):
+        self.group_lrs,self._losses = [list(o) for o in sd['group_lrs']],list(sd['losses'].to(device).unbind())
 
 # %% ../nbs/04_anneal.ipynb #0b31b1fa
 class ParamScheduler(Callback):
@@ -117,7 +120,7 @@ def sched_sgdr(max_lr, min_lr, n_cycles, cycle_len=1, cycle_mult=2):
 
 # %% ../nbs/04_anneal.ipynb #0b46bbae
 class SGDRCallback(ParamScheduler):
-    "SGDR on `pname` (the learning rate by default), firing the event `on_cycle_end` after each cycle's last epoch."
+    "SGDR on `pname` (the learning rate by default), firing the event `after_cycle` after each cycle's last epoch."
     _order = 2  # after AvgStatsCallback and Recorder have seen the epoch
     def __init__(self, max_lr, min_lr=0., n_cycles=3, cycle_len=1, cycle_mult=2, pname='lr'):
         self.ends = list(accumulate(sgdr_cycles(n_cycles, cycle_len, cycle_mult)))
@@ -128,7 +131,7 @@ class SGDRCallback(ParamScheduler):
     def after_epoch(self):
         if self.epoch + 1 in self.ends:
             self.run.cycle = self.ends.index(self.epoch + 1)
-            self.run('on_cycle_end')
+            self.run('after_cycle')
 
 # %% ../nbs/04_anneal.ipynb #d6392aef
 class LR_Find(Callback):

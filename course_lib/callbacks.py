@@ -172,9 +172,7 @@ def fit(self:Runner, epochs, learn):
                 if not self('begin_validate'): self.all_batches(self.data.valid_dl)
             self('after_epoch')
     except CancelTrainException: self('after_cancel_train')
-    finally:
-        self('after_fit')
-        self.learn = None
+    finally: self('after_fit')
 
 @patch
 def __call__(self:Runner, cb_name):
@@ -194,7 +192,8 @@ def __call__(self:Runner, cb_name):
 # %% ../nbs/03_callbacks.ipynb #bafa1283
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step',
           'after_batch', 'begin_validate', 'after_epoch', 'after_fit',
-          'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train')
+          'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train',
+          'after_cycle')  # fired by lesson 4's SGDRCallback after the last epoch of each cycle
 
 class EventLogger(Callback):
     "Records (and optionally prints) every event in `EVENTS` it receives, in order, in `events`."
@@ -208,14 +207,12 @@ def _logs(e): return lambda self: self._log(e)
 for _e in EVENTS: setattr(EventLogger, _e, _logs(_e))
 
 # %% ../nbs/03_callbacks.ipynb #c38216a6
-def _name(f): return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', type(f).__name__)
-
 class AvgStats():
     "Sums of the loss and each metric weighted by batch size, kept as tensors until `avg_stats` reads them."
     def __init__(self, metrics, in_train): self.metrics,self.in_train = listify(metrics),in_train
     def reset(self): self.tot_loss,self.tot_mets,self.count = 0.,[0.]*len(self.metrics),0
     @property
-    def names(self): return ['loss'] + [_name(m) for m in self.metrics]
+    def names(self): return ['loss'] + [func_name(m) for m in self.metrics]
     @property
     def all_stats(self): return [self.tot_loss] + self.tot_mets
     @property
@@ -228,6 +225,10 @@ class AvgStats():
         self.count += bn
         self.tot_loss += run.loss.detach() * bn
         for i,m in enumerate(self.metrics): self.tot_mets[i] += m(run.pred, run.yb) * bn
+    def reduce(self, f):
+        "Replace the sums and the count by `f(t)` of one float64 tensor `t` holding them (e.g. an all-reduce across processes)."
+        t = f(torch.stack([torch.as_tensor(o, dtype=torch.float64) for o in self.all_stats + [self.count]]))
+        self.tot_loss,self.tot_mets,self.count = t[0],list(t[1:-1]),int(t[-1])
     def __repr__(self):
         return f"{'train' if self.in_train else 'valid'}: " + ' '.join(f'{n} {v:.4f}' for n,v in zip(self.names, self.avg_stats))
 
@@ -248,3 +249,5 @@ class AvgStatsCallback(Callback):
         self.history.append({'epoch': self.epoch, **{f'train_{n}': v for n,v in zip(tr.names, tr.avg_stats)},
                              **{f'valid_{n}': v for n,v in zip(va.names, va.avg_stats)}})
         if not self.silent: print(f'epoch {self.epoch} | {tr} | {va}')
+    def state_dict(self): return {'history': self.history}
+    def load_state_dict(self, sd, device=None): self.history = [dict(o) for o in sd['history']]

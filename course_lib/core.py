@@ -9,8 +9,8 @@ import numpy as np, torch
 from fastcore.test import *
 
 # %% auto #0
-__all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'stats', 'default_device', 'set_seed', 'interactive',
-           'course_size', 'size_pick', 'headline']
+__all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'func_name', 'stats', 'default_device', 'set_seed',
+           'interactive', 'dist_on', 'rank', 'course_size', 'size_pick', 'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
 def test_near(a, b, eps=1e-5):
@@ -38,8 +38,13 @@ def listify(o):
 _re1, _re2 = re.compile('(.)([A-Z][a-z]+)'), re.compile('([a-z0-9])([A-Z])')
 
 def camel2snake(name):
-    "`CamelCase` -> `camel_case`."
-    return _re2.sub(r'\1_\2', _re1.sub(r'\1_\2', name)).lower()
+    "`CamelCase` -> `camel_case`; an underscore already in the name is not doubled (`LR_Find` -> `lr_find`)."
+    return re.sub('_+', '_', _re2.sub(r'\1_\2', _re1.sub(r'\1_\2', name))).lower()
+
+# %% ../nbs/00_core.ipynb #a17caad1
+def func_name(f):
+    "The name of function `f`, of the function a `partial` wraps, or of `f`'s type."
+    return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', None) or type(f).__name__
 
 # %% ../nbs/00_core.ipynb #a3ad6c1e
 def stats(x):
@@ -67,18 +72,29 @@ def interactive():
     import sys
     return not os.environ.get('CI') and (sys.stdout.isatty() or 'ipykernel' in sys.modules)
 
+# %% ../nbs/00_core.ipynb #ab3fc282
+def dist_on():
+    "True inside an initialised `torch.distributed` process group."
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def rank():
+    "This process's rank: 0 without a process group."
+    return torch.distributed.get_rank() if dist_on() else 0
+
 # %% ../nbs/00_core.ipynb #86985ea1
-SIZES = ('quick', 'full')
+SIZES = ('quick', 'medium', 'full')
 
 def course_size():
-    "The lesson size from the `COURSE_SIZE` environment variable: 'quick' or 'full' (default)."
-    s = os.environ.get('COURSE_SIZE', 'full').strip().lower() or 'full'
+    "The lesson size: `COURSE_SIZE` ('quick', 'medium' or 'full'), else 'full' with a GPU and 'medium' without."
+    s = os.environ.get('COURSE_SIZE', '').strip().lower()
+    if not s: return 'full' if torch.cuda.is_available() else 'medium'
     if s not in SIZES: raise ValueError(f'COURSE_SIZE={s!r}, expected one of {SIZES}')
     return s
 
-def size_pick(quick, full):
-    "`quick` when `COURSE_SIZE=quick`, else `full`."
-    return quick if course_size() == 'quick' else full
+def size_pick(quick, full, medium=None):
+    "The value for the lesson size: `quick`, `medium` (default: `full`) or `full`."
+    s = course_size()
+    return quick if s == 'quick' else full if s == 'full' or medium is None else medium
 
 # %% ../nbs/00_core.ipynb #276c4725
 def headline(name, value):

@@ -4,17 +4,15 @@
 
 # %% ../nbs/00b_data.ipynb #2541b6b6
 from __future__ import annotations
-import os, sys, gzip, hashlib, pickle, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
+import os, sys, hashlib, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-import numpy as np, torch, matplotlib.pyplot as plt
+import numpy as np, torch
 from .core import *
 
 # %% auto #0
-__all__ = ['DATASETS', 'FASHION_CLASSES', 'MNIST_CLASSES', 'CIFAR_CLASSES', 'DataFile', 'DataSource', 'data_dir', 'mirror_dirs',
-           'ChecksumError', 'DataNotFoundError', 'sha256sum', 'find_data', 'download_data', 'untar_data', 'IDXError',
-           'read_idx', 'load_idx_dataset', 'load_fashion_mnist', 'load_mnist', 'get_data', 'normalize',
-           'load_nietzsche', 'load_cifar10', 'load_dogscats', 'show_images']
+__all__ = ['DATASETS', 'DataFile', 'DataSource', 'data_dir', 'mirror_dirs', 'ChecksumError', 'DataNotFoundError', 'sha256sum',
+           'find_data', 'download_data', 'untar_data']
 
 # %% ../nbs/00b_data.ipynb #c5f0bac2
 @dataclass(frozen=True)
@@ -137,14 +135,15 @@ def _source(src):
     if src not in DATASETS: raise KeyError(f'unknown dataset {src!r}, expected one of {sorted(DATASETS)}')
     return DATASETS[src]
 
+def _find(src, f):
+    "The first place holding file `f` of `src` with an accepted digest, or None."
+    return next((p for p in _places(src, f) if p.is_file() and _checked(f, p)), None)
+
 def find_data(src):
     "The paths of `src`'s files found offline (data dir, mirrors, system dirs), or None if any is missing."
-    src, res = _source(src), []
-    for f in src.files:
-        p = next((p for p in _places(src, f) if p.is_file() and _checked(f, p)), None)
-        if p is None: return None
-        res.append(p)
-    return res
+    src = _source(src)
+    ps = [_find(src, f) for f in src.files]
+    return None if None in ps else ps
 
 def _not_found(src, f, err=None):
     looked = '\n  '.join(str(p) for p in _places(src, f))
@@ -157,7 +156,7 @@ def download_data(src, timeout=60):
     "Paths of the files of dataset `src` (a name or `DataSource`): found offline first, else downloaded and checked."
     src, res = _source(src), []
     for f in src.files:
-        p = next((p for p in _places(src, f) if p.is_file() and _checked(f, p)), None)
+        p = _find(src, f)
         if p is None:
             if os.environ.get('COURSE_OFFLINE', '0') not in ('', '0'): raise _not_found(src, f)
             try: p = _fetch(f, data_dir()/src.subdir/f.fname, timeout)
@@ -168,34 +167,24 @@ def download_data(src, timeout=60):
     return res
 
 # %% ../nbs/00b_data.ipynb #f4245eaa
-def _check_member(name, link=None, is_link=False):
-    "Raise if archive member `name` (or its link target) would land outside the extraction folder."
-    p = PurePosixPath(name.replace('\\', '/'))
-    if p.is_absolute() or (p.parts and ':' in p.parts[0]): raise ValueError(f'unsafe archive member {name!r}: absolute path')
-    if '..' in p.parts: raise ValueError(f'unsafe archive member {name!r}: ".." in path')
-    if is_link:
-        t = PurePosixPath(link)
-        if t.is_absolute(): raise ValueError(f'unsafe archive member {name!r}: link to absolute path {link!r}')
-        depth = 0
-        for part in (p.parent / t).parts:
-            depth += -1 if part == '..' else (0 if part == '.' else 1)
-            if depth < 0: raise ValueError(f'unsafe archive member {name!r}: link {link!r} points outside the target')
-
 def _members(path):
-    "Names of the archive's members, checked for safety."
+    "Names of the archive's members; zip members with an absolute path or `..` are refused."
+    if not zipfile.is_zipfile(path):
+        with tarfile.open(path) as t: return t.getnames()
+    with zipfile.ZipFile(path) as z: names = z.namelist()
+    for n in names:
+        p = PurePosixPath(n.replace('\\', '/'))
+        if p.is_absolute() or (p.parts and ':' in p.parts[0]) or '..' in p.parts:
+            raise ValueError(f'unsafe archive member {n!r} in {path}: absolute path or ".." in a zip')
+    return names
+
+def _extract(path, dest):
+    "Extract archive `path` into `dest`; a tar member refused by `filter='data'` raises `ValueError`."
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            for i in z.infolist():
-                if (i.external_attr >> 16) & 0o170000 == 0o120000: raise ValueError(f'unsafe archive member {i.filename!r}: symbolic link in zip')
-                _check_member(i.filename)
-            return [i.filename for i in z.infolist()]
-    with tarfile.open(path) as t:
-        ms = t.getmembers()
-    for m in ms:
-        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()): raise ValueError(f'unsafe archive member {m.name!r}: special file')
-        _check_member(m.name, m.linkname, m.issym())
-        if m.islnk(): _check_member(m.linkname)
-    return [m.name for m in ms]
+        with zipfile.ZipFile(path) as z: return z.extractall(dest)
+    try:
+        with tarfile.open(path) as t: t.extractall(dest, filter='data')
+    except tarfile.FilterError as e: raise ValueError(f'unsafe archive member in {path}: {e}') from e
 
 # %% ../nbs/00b_data.ipynb #cc8168f2
 def untar_data(src, dest=None):
@@ -207,141 +196,16 @@ def untar_data(src, dest=None):
         path = download_data(s)[0]
     else: path = Path(src)
     if not path.is_file(): raise FileNotFoundError(f'archive {path} does not exist')
-    names = _members(path)
-    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts and PurePosixPath(n).parts[0] != '.'}
+    names = [PurePosixPath(n.lstrip('/')) for n in _members(path)]
+    tops = {n.parts[0] for n in names if n.parts and n.parts[0] != '.'}
     stem = path.name.removesuffix('.tgz').removesuffix('.tar.gz').removesuffix('.zip')
-    single = len(tops) == 1 and any(len(PurePosixPath(n).parts) > 1 for n in names)
+    single = len(tops) == 1 and any(len(n.parts) > 1 for n in names)
     out = dest/(next(iter(tops)) if single else stem)
     if out.is_dir(): return out
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f'.{stem}.', suffix='.extract'))
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z: z.extractall(tmp)
-        else:
-            with tarfile.open(path) as t: t.extractall(tmp, filter='data')
+        _extract(path, tmp)
         os.replace(tmp/out.name if single else tmp, out)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-# %% ../nbs/00b_data.ipynb #ba44ea51
-class IDXError(ValueError): pass
-
-def read_idx(path, ndim=None):
-    "Read a (gzipped) IDX file of unsigned bytes into a uint8 tensor; check magic number, `ndim` and size."
-    path = Path(path)
-    try:
-        with (gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')) as f: data = f.read()
-    except (EOFError, gzip.BadGzipFile) as e: raise IDXError(f'{path}: truncated or corrupt gzip file ({e})') from e
-    if len(data) < 4: raise IDXError(f'{path}: truncated IDX file: {len(data)} bytes, expected a 4-byte magic number')
-    if data[0] or data[1] or data[2] != 8:
-        raise IDXError(f'{path}: bad IDX magic number 0x{data[:4].hex()}, expected 0x0000080N (unsigned bytes, N dimensions)')
-    nd = data[3]
-    if ndim is not None and nd != ndim: raise IDXError(f'{path}: IDX file has {nd} dimensions, expected {ndim}')
-    if len(data) < 4 + 4*nd: raise IDXError(f'{path}: truncated IDX header: {len(data)} bytes, expected {4+4*nd}')
-    dims = [int.from_bytes(data[4+4*i:8+4*i], 'big') for i in range(nd)]
-    n, body = int(np.prod(dims)), len(data) - 4 - 4*nd
-    if body != n: raise IDXError(f'{path}: IDX dimensions {dims} need {n} bytes of data, found {body}' + (' (truncated)' if body < n else ''))
-    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4+4*nd).reshape(dims).copy())
-
-# %% ../nbs/00b_data.ipynb #3d83c824
-FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-MNIST_CLASSES = tuple(str(i) for i in range(10))
-
-def load_idx_dataset(name):
-    "`x_train, y_train, x_test, y_test` of an IDX dataset ('fashion_mnist' or 'mnist'): uint8 N×28×28 images, int64 labels."
-    xtr, ytr, xte, yte = [read_idx(p, nd) for p, nd in zip(download_data(name), (3, 1, 3, 1))]
-    for x, y, split in ((xtr, ytr, 'train'), (xte, yte, 'test')):
-        if x.shape[0] != y.shape[0] or x.shape[1:] != (28, 28):
-            raise IDXError(f'{name} {split}: {tuple(x.shape)} images for {tuple(y.shape)} labels, expected N×28×28 and N')
-    return xtr, ytr.long(), xte, yte.long()
-
-def load_fashion_mnist(): return load_idx_dataset('fashion_mnist')
-def load_mnist(): return load_idx_dataset('mnist')
-
-# %% ../nbs/00b_data.ipynb #a1617314
-def get_data(name='fashion_mnist', n_valid=10000):
-    "`x_train, y_train, x_valid, y_valid`: flat float images in [0,1], the last `n_valid` training images as validation."
-    if not isinstance(n_valid, int) or n_valid < 1: raise ValueError(f'n_valid={n_valid!r}, expected a positive int')
-    x, y, _, _ = load_idx_dataset(name)
-    if n_valid >= len(x): raise ValueError(f'n_valid={n_valid}, expected fewer than the {len(x)} training images')
-    x = x.reshape(len(x), -1).float() / 255
-    return x[:-n_valid], y[:-n_valid], x[-n_valid:], y[-n_valid:]
-
-def normalize(x, m, s):
-    "`(x - m) / s`: normalise with statistics `m`, `s` (those of the training set)."
-    return (x - m) / s
-
-# %% ../nbs/00b_data.ipynb #3878b6d0
-def load_nietzsche():
-    "The Nietzsche corpus as one string."
-    return download_data('nietzsche')[0].read_text(encoding='utf-8')
-
-# %% ../nbs/00b_data.ipynb #f8d9c61f
-CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-
-def _save_npz(path, **arrs):
-    "Write `arrs` to `path` through a temporary file."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.npz')
-    try:
-        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrs)
-        os.replace(tmp, path)
-    except BaseException: Path(tmp).unlink(missing_ok=True); raise
-
-def _decode_folder(path):
-    "Decode the per-class JPEG layout (`train/<cls>/*.jpg`, `test/<cls>/*.jpg`) into uint8 N×3×32×32 arrays."
-    from PIL import Image
-    classes = (path/'labels.txt').read_text().split() if (path/'labels.txt').exists() else list(CIFAR_CLASSES)
-    res = {}
-    for split in ('train', 'test'):
-        files = [(f, i) for i, c in enumerate(classes) for f in sorted((path/split/c).glob('*.*'))]
-        if not files: raise FileNotFoundError(f'{path/split}: no images in per-class folders {classes}')
-        res[f'x_{split}'] = np.stack([np.asarray(Image.open(f).convert('RGB')) for f, _ in files]).transpose(0, 3, 1, 2)
-        res[f'y_{split}'] = np.array([i for _, i in files], dtype=np.int64)
-    return res
-
-def _decode_pickles(path):
-    "Read the python-pickle batches (`data_batch_1..5`, `test_batch`) into uint8 N×3×32×32 arrays."
-    def rd(n):
-        with open(path/n, 'rb') as f: d = pickle.load(f, encoding='bytes')
-        return np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b'labels'], np.int64)
-    tr = [rd(f'data_batch_{i}') for i in range(1, 6)]
-    xte, yte = rd('test_batch')
-    return dict(x_train=np.concatenate([x for x, _ in tr]), y_train=np.concatenate([y for _, y in tr]), x_test=xte, y_test=yte)
-
-# %% ../nbs/00b_data.ipynb #9f58d499
-def load_cifar10():
-    "`x_train, y_train, x_test, y_test` of CIFAR-10: uint8 N×3×32×32 images, int64 labels (decoded once, then cached)."
-    for name, decode in (('cifar10', _decode_folder), ('cifar10_python', _decode_pickles)):
-        s = DATASETS[name]
-        cache = data_dir()/s.folder/'course_lib_uint8.npz'
-        if not cache.exists():
-            if not (data_dir()/s.folder).is_dir() and find_data(s) is None: continue
-            _save_npz(cache, **decode(untar_data(s)))
-        d = np.load(cache)
-        return tuple(torch.from_numpy(d[k]) for k in ('x_train', 'y_train', 'x_test', 'y_test'))
-    s = DATASETS['cifar10_python']
-    _save_npz(data_dir()/s.folder/'course_lib_uint8.npz', **_decode_pickles(untar_data(s)))
-    return load_cifar10()
-
-# %% ../nbs/00b_data.ipynb #02fd0052
-def load_dogscats(tfms=None, valid_tfms=None):
-    "Train and valid `ImageFolder` datasets of dogs vs cats (classes `cats`, `dogs`)."
-    from torchvision.datasets import ImageFolder
-    path = untar_data('dogscats')
-    return ImageFolder(path/'train', tfms), ImageFolder(path/'valid', valid_tfms or tfms)
-
-# %% ../nbs/00b_data.ipynb #a9eee821
-def show_images(ims, titles=None, nrows=2, figsize=None):
-    "Show a grid of images (tensors C×H×W or H×W, uint8 or float in [0,1]) with optional titles."
-    ims = list(ims); ncols = (len(ims) + nrows - 1) // nrows
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (1.5*ncols, 1.6*nrows), squeeze=False)
-    for i, ax in enumerate(axs.flat):
-        ax.axis('off')
-        if i >= len(ims): continue
-        im = torch.as_tensor(ims[i])
-        if im.ndim == 3: im = im.permute(1, 2, 0)
-        ax.imshow(im.squeeze().numpy(), cmap='gray' if im.ndim == 2 or im.shape[-1] == 1 else None)
-        if titles is not None: ax.set_title(str(titles[i]), fontsize=8)
-    plt.tight_layout()
-    return fig

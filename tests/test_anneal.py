@@ -6,13 +6,10 @@ import torch.nn.functional as F
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
 from course_lib.anneal import *
+import conftest
 from conftest import count_syncs
 
-
-def make_data(n_train=40, n_valid=10, bs=4, ni=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n_train + n_valid, ni, generator=g), torch.randint(0, 3, (n_train + n_valid,), generator=g)
-    return DataBunch(*get_dls(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs), c=3)
+make_data = partial(conftest.make_data, n_train=40, n_valid=10, bs=4)
 
 def bn_model(ni=6, nh=8):
     return nn.Sequential(nn.Linear(ni, nh), nn.BatchNorm1d(nh), nn.ReLU(), nn.Dropout(0.1), nn.Linear(nh, 3))
@@ -88,7 +85,7 @@ def test_recorder_keeps_tensors_and_converts_lazily():
 def test_default_callbacks_sync_a_number_of_times_independent_of_batches(monkeypatch):
     def syncs(n_train):
         model = bn_model()
-        learn = Learner(model, optim.SGD(model.parameters(), 0.1, momentum=0.9), F.cross_entropy, make_data(n_train, n_train))
+        learn = Learner(model, optim.SGD(model.parameters(), 0.1, momentum=0.9), F.cross_entropy, make_data(n_train=n_train, n_valid=n_train))
         cbs = [Recorder(), AvgStatsCallback(accuracy, silent=True),
                ParamScheduler('lr', combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.01, 0.1, 0.001)))]
         counts = count_syncs(monkeypatch)
@@ -101,11 +98,11 @@ def test_default_callbacks_sync_a_number_of_times_independent_of_batches(monkeyp
 
 # --- SGDR ---
 
-def test_sgdr_fires_on_cycle_end_after_each_cycle():
+def test_sgdr_fires_after_cycle_after_each_cycle():
     class Log(Callback):
         _order = 5
         def begin_fit(self): self.ends = []
-        def on_cycle_end(self): self.ends.append((self.cycle, self.epoch))
+        def after_cycle(self): self.ends.append((self.cycle, self.epoch))
     model = bn_model()
     run = Runner(cbs=[Recorder(), SGDRCallback(0.1, 0.001, n_cycles=3, cycle_len=1, cycle_mult=2), Log()])
     run.fit(7, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))

@@ -5,13 +5,11 @@ from torch import nn, optim
 import torch.nn.functional as F
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
-from conftest import count_syncs
+from conftest import count_syncs, make_data
 
 
 def make_learn(n_train=40, n_valid=10, bs=4, ni=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n_train + n_valid, ni, generator=g), torch.randint(0, 3, (n_train + n_valid,), generator=g)
-    data = DataBunch(*get_dls(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs), c=3)
+    data = make_data(n_train, n_valid, bs, ni, seed=seed)
     return Learner(*get_model(data, lr=0.1, nh=5), F.cross_entropy, data)
 
 
@@ -164,7 +162,7 @@ def test_after_fit_runs_and_exception_propagates():
             if self.n_iter == 2: raise RuntimeError('boom')
     run = Runner(cbs=[Resource, Boom])
     with pytest.raises(RuntimeError, match='boom'): run.fit(2, make_learn())
-    assert log == ['attach', 'release'] and run.learn is None
+    assert log == ['attach', 'release'] and run.model is run.learn.model  # the learner is kept after the fit
 
 
 def test_fit_rejects_bad_epochs():

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
-from course_lib.resilience import TerminateOnNanCallback, Checkpoint
+from course_lib.safety import TerminateOnNanCallback
+from course_lib.checkpoint import Checkpoint
 from course_lib.distributed import *
 
 N, BS, EPOCHS = 256, 32, 3

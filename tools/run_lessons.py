@@ -1,9 +1,11 @@
-"""Run the lesson notebooks headless (Jupyter kernel, working directory nbs/), save the executed copies and a
-summary table (notebook, status, seconds, headline figure) in an output folder.
+"""Run the lesson notebooks headless, the way a student's main job does: each in a Jupyter kernel (working directory
+nbs/, matplotlib's inline backend so every figure is kept), then write to an output folder the executed copies, an
+HTML page per lesson, `index.html` (one row per lesson: status, time, headline figure, link to its page) and
+`summary.md` / `summary.tsv`.
 
 Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| slow`, `#| cuda`).
 Flags on: COURSE_FLAGS if set (space-separated), else `slow` at full size plus `cuda` when a GPU is present."""
-import argparse, os, re, sys, time
+import argparse, html, os, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -11,6 +13,7 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
+FLAGS = ('slow', 'cuda')
 _directive = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 def directives(cell):
@@ -25,12 +28,22 @@ def directives(cell):
 
 def skip_cell(cell, flags):
     d = directives(cell)
-    return d.get('eval', '').lower() == 'false' or any(k in ('slow', 'cuda') and k not in flags for k in d)
+    return d.get('eval', '').lower() == 'false' or any(k in FLAGS and k not in flags for k in d)
 
-def default_flags():
-    if 'COURSE_FLAGS' in os.environ: return set(os.environ['COURSE_FLAGS'].split())
+def gpu():
     import torch
-    return ({'slow'} if os.environ.get('COURSE_SIZE', 'full') == 'full' else set()) | ({'cuda'} if torch.cuda.is_available() else set())
+    return torch.cuda.is_available()
+
+def pick_size():
+    "COURSE_SIZE if set, else `full` with a GPU and `medium` without; and the reason, to print."
+    if s := os.environ.get('COURSE_SIZE', '').strip().lower():
+        if s not in ('quick', 'medium', 'full'): sys.exit(f"COURSE_SIZE={s!r}, expected one of 'quick', 'medium', 'full'")
+        return s, 'COURSE_SIZE is set'
+    return ('full', 'a GPU is present') if gpu() else ('medium', 'no GPU was found (full size is for a GPU box)')
+
+def default_flags(size):
+    if 'COURSE_FLAGS' in os.environ: return set(os.environ['COURSE_FLAGS'].split())
+    return ({'slow'} if size == 'full' else set()) | ({'cuda'} if gpu() else set())
 
 def headlines(nb):
     "The `headline: name = value` lines the lesson printed."
@@ -40,13 +53,18 @@ def headlines(nb):
             if o.get('output_type') == 'stream': out += [l[len('headline: '):] for l in o.get('text', '').splitlines() if l.startswith('headline: ')]
     return '; '.join(out)
 
+def n_figures(nb): return sum('image/png' in o.get('data', {}) for c in nb.cells for o in c.get('outputs', []))
+
+def to_html(nb, path):
+    "Render executed notebook `nb` to a standalone HTML page at `path` (figures embedded)."
+    from nbconvert import HTMLExporter
+    body, _ = HTMLExporter(template_name='lab').from_notebook_node(nb)
+    path.write_text(body, encoding='utf-8')
+
 def run(path, out_dir, flags, timeout):
     nb = nbformat.read(path, as_version=4)
-    skipped = []
-    for c in nb.cells:
-        if c.cell_type == 'code' and skip_cell(c, flags):
-            skipped.append(c); c.metadata['course_skipped'] = True
-    kept = [c for c in nb.cells if not c.metadata.get('course_skipped')]
+    kept = [c for c in nb.cells if not (c.cell_type == 'code' and skip_cell(c, flags))]
+    nskip = len(nb.cells) - len(kept)
     runnable = nbformat.v4.new_notebook(cells=kept, metadata=nb.metadata)
     start, status = time.time(), 'ok'
     client = NotebookClient(runnable, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
@@ -57,28 +75,55 @@ def run(path, out_dir, flags, timeout):
     except Exception as e: status = f'FAILED: {type(e).__name__}: {str(e)[:150]}'
     secs = time.time() - start
     nbformat.write(runnable, out_dir/path.name)
-    return status, secs, headlines(runnable), len(skipped)
+    try: to_html(runnable, out_dir/(path.stem + '.html'))
+    except Exception as e: status += f' (no HTML page: {type(e).__name__}: {str(e)[:100]})'
+    return dict(notebook=path.name, status=status, seconds=f'{secs:.1f}', headline=headlines(runnable) or '-',
+                figures=str(n_figures(runnable)), skipped=str(nskip), page=path.stem + '.html')
+
+COLS = ('notebook', 'status', 'seconds', 'headline', 'figures', 'skipped')
+
+def write_index(out, rows, size, flags, total):
+    e = html.escape
+    trs = '\n'.join(f'<tr class="{"ok" if r["status"] == "ok" else "failed"}"><td><a href="{e(r["page"])}">{e(r["notebook"])}</a></td>'
+                    + ''.join(f'<td>{e(r[k])}</td>' for k in COLS[1:]) + '</tr>' for r in rows)
+    n_ok = sum(r['status'] == 'ok' for r in rows)
+    (out/'index.html').write_text(f'''<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>course_lib run: {e(out.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+tr.failed td{{background:#fdd}} tr.ok td:nth-child(2){{color:#070}}</style></head><body>
+<h1>course_lib lessons, size {e(size)}</h1>
+<p>{n_ok} of {len(rows)} lessons ran; {total:.0f} s in all. Cell flags on: {e(" ".join(sorted(flags)) or "none")}.
+Each notebook's name links to its executed page, figures included.</p>
+<table><tr>{"".join(f"<th>{c}</th>" for c in COLS)}</tr>
+{trs}
+</table></body></html>
+''', encoding='utf-8')
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument('--out', required=True, help='folder for the executed notebooks and the summary')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', required=True, help='folder for the executed notebooks, their HTML pages and the summary')
     p.add_argument('--timeout', type=int, default=None, help='seconds allowed per cell (default: no limit)')
     p.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/[0-9]*.ipynb)')
     a = p.parse_args()
+    size, why = pick_size()
+    os.environ['COURSE_SIZE'] = size
+    os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'  # figures become image/png outputs
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     nbs = [Path(n) for n in a.notebooks] or sorted(NBS.glob('[0-9]*.ipynb'))
-    flags = default_flags()
-    print(f"Running {len(nbs)} notebooks, COURSE_SIZE={os.environ.get('COURSE_SIZE', 'full')}, flags on: {sorted(flags) or 'none'}, into {out}")
-    rows = []
+    if missing := [str(n) for n in nbs if not n.is_file()]: sys.exit(f'no such notebook: {", ".join(missing)}')
+    flags = default_flags(size)
+    print(f"COURSE_SIZE={size} ({why}); cell flags on: {' '.join(sorted(flags)) or 'none'}")
+    print(f'Running {len(nbs)} notebooks into {out}', flush=True)
+    rows, t0 = [], time.time()
     for nb in nbs:
-        status, secs, head, nskip = run(nb.resolve(), out, flags, a.timeout)
-        rows.append((nb.name, status, f'{secs:.1f}', head or '-', str(nskip)))
-        print(f'  {nb.name}: {status} in {secs:.1f}s  {head}', flush=True)
-    hdr = ('notebook', 'status', 'seconds', 'headline', 'cells skipped')
-    table = ['| ' + ' | '.join(hdr) + ' |', '|' + '---|' * len(hdr)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+        r = run(nb.resolve(), out, flags, a.timeout)
+        rows.append(r)
+        print(f"  {r['notebook']}: {r['status']} in {r['seconds']}s, {r['figures']} figures  {r['headline']}", flush=True)
+    table = ['| ' + ' | '.join(COLS) + ' |', '|' + '---|' * len(COLS)] + ['| ' + ' | '.join(r[k] for k in COLS) + ' |' for r in rows]
     (out/'summary.md').write_text('\n'.join(table) + '\n')
-    (out/'summary.tsv').write_text('\n'.join('\t'.join(r) for r in [hdr] + rows) + '\n')
-    print('\n'.join(table)); print(f'Executed notebooks and summary in {out}')
-    sys.exit(0 if all(r[1] == 'ok' for r in rows) else 1)
+    (out/'summary.tsv').write_text('\n'.join('\t'.join(r) for r in [COLS] + [[r[k] for k in COLS] for r in rows]) + '\n')
+    write_index(out, rows, size, flags, time.time() - t0)
+    print('\n'.join(table)); print(f'Open {out/"index.html"} in a browser: one page per lesson, figures included.')
+    sys.exit(0 if all(r['status'] == 'ok' for r in rows) else 1)
 
 if __name__ == '__main__': main()

@@ -17,10 +17,10 @@ if ! git diff --exit-code --stat -- course_lib || [ -n "$(git status --porcelain
   exit 1
 fi
 
-echo "== 2/3 notebooks (nbdev_test, COURSE_SIZE=$COURSE_SIZE, flags: '${COURSE_TEST_FLAGS:-}')"
+echo "== 2/3 notebooks (nbdev_test, COURSE_SIZE=$COURSE_SIZE, cell flags: '${COURSE_FLAGS:-}')"
 t=$SECONDS
 # nbdev_test runs one notebook per core at once: one torch thread each, or small models crawl from oversubscription
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $bin/nbdev_test --timing ${COURSE_TEST_FLAGS:+--flags "$COURSE_TEST_FLAGS"}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $bin/nbdev_test --timing ${COURSE_FLAGS:+--flags "$COURSE_FLAGS"}
 echo "notebooks took $((SECONDS - t))s"
 
 echo "== 3/3 pytest"

@@ -1,0 +1,102 @@
+import copy, math, gc
+from functools import partial
+import pytest, torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.core import *
+from course_lib.training import Dataset, get_dls, accuracy
+from course_lib.callbacks import *
+from course_lib.init import init_cnn
+from course_lib.cnn import get_cnn_model
+from course_lib.accel import *
+from conftest import image_data, image_learn, view, make_data, make_learn, max_diff, Steps
+
+
+class Losses(Callback):
+    _order = 20
+    def begin_fit(self): self.losses = []
+    def after_batch(self):
+        if self.in_train: self.losses.append(self.loss.detach().float())
+
+def _two_fits(mp_cb, n_batches=6):
+    data = image_data()
+    m32 = init_cnn(get_cnn_model(data, [4, 8], leak=0.1, sub=0.4), a=0.1)
+    m16 = copy.deepcopy(m32)
+    out = []
+    for m, cbs in ((m32, []), (m16, [mp_cb])):
+        run, learn = Runner([view(), Losses(), *cbs]), image_learn(data, m)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            run.fit(1, learn)
+        out.append((torch.stack(run.losses.losses), learn))
+    return out
+
+def test_bf16_losses_close_and_master_weights_fp32():
+    (l32, _), (l16, learn) = _two_fits(MixedPrecision())
+    assert len(l16) == 6
+    assert (l16 - l32).abs().max() < 0.05  # bf16 has ~3 significant digits; 6 batches of drift stay within this
+    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+    assert not torch.is_autocast_enabled('cpu')
+
+def test_fp16_refused_on_cpu():
+    learn = image_learn()
+    with pytest.raises(ValueError, match='float16 mixed precision needs CUDA'): Runner([view(), MixedPrecision(torch.float16)]).fit(1, learn)
+    assert type(learn.opt) is optim.SGD and not torch.is_autocast_enabled('cpu')
+    with pytest.raises(ValueError, match='dtype=torch.float64'): MixedPrecision(torch.float64)
+
+class CPUHalf(MixedPrecision):
+    "The fp16 path with a CPU GradScaler, to test the scaling logic without a GPU."
+    def begin_fit(self):
+        self.scaler = torch.amp.GradScaler('cpu', init_scale=2.**10)
+        self.learn.opt = ScaledOpt(self.opt, self.scaler)
+
+def test_fp16_scaling_path_on_cpu():
+    mp = CPUHalf(torch.float16)
+    (l32, _), (l16, learn) = _two_fits(mp)
+    assert (l16 - l32).abs().max() < 0.05       # the recorded losses are the unscaled ones
+    assert type(learn.opt) is optim.SGD and mp.scaler is None
+    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+
+def test_autocast_left_when_forward_raises():
+    class Bad(nn.Module):
+        def forward(self, x): raise RuntimeError('forward failed')
+    learn = image_learn(model=nn.Sequential(nn.Linear(784, 10), Bad()))
+    with pytest.raises(RuntimeError, match='forward failed'): Runner([MixedPrecision()]).fit(1, learn)
+    assert not torch.is_autocast_enabled('cpu')
+
+def test_scaled_opt_skips_non_finite_steps():
+    p = nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler('cpu', init_scale=4.)
+    sopt = ScaledOpt(optim.SGD([p], lr=0.5), scaler)
+    scaler.scale((p * 2).sum()).backward()
+    sopt.step(); sopt.zero_grad()
+    assert torch.allclose(p.detach(), torch.zeros(3)) and p.grad is None  # grads unscaled: 1 - 0.5*2
+    p.grad = torch.tensor([1., float('inf'), 1.])
+    sopt.step()
+    assert torch.allclose(p.detach(), torch.zeros(3)) and scaler.get_scale() == 2.  # skipped, scale halved
+    assert sopt.param_groups is sopt.opt.param_groups
+
+def accum_fit(model, bs, cbs, epochs=2):
+    data = make_data(n_train=256, bs=bs, generator=torch.Generator().manual_seed(3))
+    learn = Learner(model, optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2), F.cross_entropy, data)
+    run = Runner(cbs=[Steps] + cbs)
+    run.fit(epochs, learn)
+    return run
+
+def test_gradient_accumulation_2x32_equals_64():
+    m = make_learn(p=0.).model
+    m64, m32 = copy.deepcopy(m), copy.deepcopy(m)
+    r64, r32 = accum_fit(m64, 64, []), accum_fit(m32, 32, [GradientAccumulation(2)])
+    assert r64.steps.n == r32.steps.n == 8 and r32.n_iter == 16
+    assert max_diff(m64, m32) < 1e-6
+    m32b = copy.deepcopy(m)
+    accum_fit(m32b, 32, [])
+    assert max_diff(m64, m32b) > 1e-3
+
+def test_gradient_accumulation_steps_at_end_of_uneven_pass():
+    data = make_data(n_train=40, bs=8)  # 5 batches: steps after 2, 4 and 5
+    run = Runner(cbs=[Steps, GradientAccumulation(2)])
+    run.fit(2, make_learn(data))
+    assert run.steps.n == 6 and run.n_iter == 10
+    with pytest.raises(ValueError, match='n=0'): GradientAccumulation(0)
+    with pytest.raises(ValueError, match='n=True'): GradientAccumulation(True)

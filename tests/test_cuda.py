@@ -1,0 +1,70 @@
+import copy, math, gc
+from functools import partial
+import pytest, torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.core import *
+from course_lib.training import Dataset, get_dls, accuracy
+from course_lib.callbacks import *
+from course_lib.cuda import *
+from course_lib.cnn import get_cnn_model
+from course_lib.hooks import HooksCallback, append_stats
+from course_lib.accel import MixedPrecision
+from course_lib.progress import ProgressCallback
+from conftest import image_data, image_learn, view, BS
+
+
+def test_device_callback_moves_model_and_batches_non_blocking(monkeypatch):
+    calls, to = [], torch.Tensor.to
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get('non_blocking'))
+        return to(self, *args, **kwargs)
+    learn = image_learn()
+    class Where(Callback):
+        _order = 5
+        def begin_fit(self): self.devs = set()
+        def after_pred(self): self.devs.add((self.xb.device.type, self.yb.device.type))
+    run = Runner([DeviceCallback('meta'), view(), Where()])
+    monkeypatch.setattr(torch.Tensor, 'to', spy)
+    run.fit(1, learn)
+    monkeypatch.undo()
+    assert {p.device.type for p in learn.model.parameters()} == {'meta'}
+    assert run.where.devs == {('meta', 'meta')}
+    assert calls.count(True) == 2 * (6 + 2)  # xb and yb of every batch, all non-blocking
+
+def test_device_callback_default_and_bad_device(monkeypatch):
+    monkeypatch.setenv('COURSE_DEVICE', 'cpu')
+    assert DeviceCallback().device == torch.device('cpu') and CudaCallback is DeviceCallback
+    with pytest.raises(ValueError, match="device='tpu9'"): DeviceCallback('tpu9')
+
+def test_channels_last_model_and_4d_batches():
+    data = image_data()
+    x4 = data.train_ds.x.view(-1, 1, 28, 28).expand(-1, 3, -1, -1).contiguous()
+    data = DataBunch(*get_dls(Dataset(x4, data.train_ds.y), Dataset(x4[:32], data.train_ds.y[:32]), BS), 10)
+    model = get_cnn_model(data, [4, 8], ni=3)
+    class Fmt(Callback):
+        _order = 5
+        def after_pred(self): self.cl = self.xb.is_contiguous(memory_format=torch.channels_last)
+    run = Runner([DeviceCallback('cpu', channels_last=True), Fmt()])
+    run.fit(1, image_learn(data, model))
+    assert model[0][0].weight.is_contiguous(memory_format=torch.channels_last) and run.fmt.cl
+
+def test_view_tfm_and_batch_transform_errors():
+    assert view_tfm(1, 28, 28)(torch.zeros(5, 784)).shape == (5, 1, 28, 28)
+    with pytest.raises(ValueError, match='size='): view_tfm()
+    with pytest.raises(ValueError, match='size='): view_tfm(1, -28, 28)
+    with pytest.raises(TypeError, match='not callable'): BatchTransformXCallback(None)
+
+def test_no_sync_per_batch(sync_counter):
+    counts, probes = sync_counter
+    run = Runner([DeviceCallback('cpu'), view(), HooksCallback(append_stats), MixedPrecision(), ProgressCallback(show=False), *probes])
+    run.fit(2, image_learn())
+    assert counts['n'] == 0
+
+def test_sync_counter_sees_a_sync(sync_counter):
+    "The probe is real: a callback that reads the loss every batch is counted."
+    counts, probes = sync_counter
+    class Reads(Callback):
+        def after_loss(self): self.last = self.loss.item()
+    Runner([view(), Reads(), *probes]).fit(1, image_learn())
+    assert counts['n'] == 6 + 2

@@ -1,0 +1,33 @@
+import copy, math, gc
+from functools import partial
+import pytest, torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.core import *
+from course_lib.training import Dataset, get_dls, accuracy
+from course_lib.callbacks import *
+from course_lib.accel import MixedPrecision
+from course_lib.summary import *
+from conftest import image_learn, view, n_hooks
+
+
+def test_model_summary_restores_state():
+    learn = image_learn()
+    learn.model.train()
+    run = Runner([view(), MixedPrecision()])
+    s = model_summary(run, learn)
+    assert [r[2] for r in s.rows][:2] == ['4x14x14', '4x14x14'] and s.rows[-1][2] == '10'
+    assert learn.model.training and n_hooks(learn.model) == 0 and not torch.is_autocast_enabled('cpu')
+    assert s.total == sum(p.numel() for p in learn.model.parameters()) and 'Total params' in repr(s)
+
+def test_model_summary_tuple_outputs_and_chosen_modules():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(784, 5, batch_first=True), nn.Linear(5, 10)
+        def forward(self, x): return self.out(self.rnn(x[:, None])[0][:, -1])
+    model = Seq()
+    s = model_summary(Runner(), image_learn(model=model))
+    assert s.rows[0][:3] == ('rnn', 'LSTM', '1x5, 32x5, 32x5')  # output, then h and c (layers x bs x nh), first dim dropped
+    s = model_summary(Runner(), image_learn(model=model), mods=[model.out])
+    assert [r[0] for r in s.rows] == ['out']
