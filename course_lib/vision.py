@@ -18,7 +18,8 @@ from .callbacks import *
 from .cuda import DeviceCallback, BatchTransformXCallback
 
 # %% auto #0
-__all__ = ['cifar_stats', 'Normalize', 'batch_dl', 'cifar_data', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs']
+__all__ = ['cifar_stats', 'Normalize', 'batch_dl', 'cifar_data', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs', 'SGDW',
+           'get_preds', 'tta', 'confusion_matrix', 'plot_confusion']
 
 # %% ../nbs/07_cifar.ipynb #fb1579ce
 def cifar_stats(x, bs=10_000):
@@ -106,3 +107,62 @@ def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
     dcb = DeviceCallback(device, channels_last)
     g = None if seed is None else torch.Generator(dcb.device).manual_seed(seed)
     return [dcb] + ([AugmentCallback(partial(flip_pad_crop, generator=g))] if aug else []) + [BatchTransformXCallback(norm)]
+
+# %% ../nbs/07_cifar.ipynb #f2294d36
+class SGDW(optim.SGD):
+    "SGD (momentum 0.9 by default) whose step first shrinks each weight by `lr*wd`, apart from the gradient; `wd` is a param-group hyper-parameter."
+    def __init__(self, params, lr, momentum=0.9, wd=0., **kwargs):
+        if 'weight_decay' in kwargs: raise TypeError("weight_decay is SGD's L2 penalty added to the gradient; SGDW takes wd (decoupled)")
+        if not wd >= 0: raise ValueError(f'wd={wd!r}, expected a weight decay >= 0')
+        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
+        self.defaults['wd'] = wd
+        for pg in self.param_groups: pg.setdefault('wd', wd)
+    @torch.no_grad()
+    def step(self, closure=None):
+        for pg in self.param_groups:
+            if pg['wd'] == 0: continue
+            for p in pg['params']:
+                if p.grad is not None: p.mul_(1 - pg['lr'] * pg['wd'])
+        return super().step(closure)
+
+# %% ../nbs/07_cifar.ipynb #b56eedb3
+def get_preds(model, dl, cbs=(), aug=False):
+    "Probabilities (softmax of the outputs) of `model` in eval mode on each batch of `dl`, prepared by the `transform_batch` of `cbs` in `_order` (skipping `AugmentCallback`s unless `aug`), and the targets."
+    tfms = [cb.transform_batch for cb in sorted(listify(cbs), key=lambda cb: cb._order)
+            if hasattr(cb, 'transform_batch') and (aug or not isinstance(cb, AugmentCallback))]
+    training, ps, ys = model.training, [], []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for xb, yb in dl:
+                for f in tfms: xb, yb = f(xb, yb)
+                ps.append(model(xb).float().softmax(-1)); ys.append(yb)
+    finally: model.train(training)
+    return torch.cat(ps), torch.cat(ys)
+
+def tta(model, dl, cbs, n_aug=4):
+    "Test-time augmentation: (probabilities on the plain images, their average with `n_aug` augmented passes, targets); `cbs` must include an `AugmentCallback`."
+    if not any(isinstance(cb, AugmentCallback) for cb in listify(cbs)): raise ValueError('cbs has no AugmentCallback, expected the callbacks of a fit with augmentation')
+    if isinstance(n_aug, bool) or not isinstance(n_aug, int) or n_aug < 1: raise ValueError(f'n_aug={n_aug!r}, expected an integer >= 1')
+    p, y = get_preds(model, dl, cbs)
+    return p, (p + sum(get_preds(model, dl, cbs, aug=True)[0] for _ in range(n_aug))) / (n_aug + 1), y
+
+# %% ../nbs/07_cifar.ipynb #cb6cd413
+def confusion_matrix(pred, targ, c):
+    "c×c counts of (true class, predicted class) pairs: row = `targ`, column = `pred`."
+    pred, targ = torch.as_tensor(pred).flatten(), torch.as_tensor(targ).flatten()
+    if pred.shape != targ.shape: raise ValueError(f'{len(pred)} predictions for {len(targ)} targets, expected as many')
+    if len(pred) and (min(pred.min(), targ.min()) < 0 or max(pred.max(), targ.max()) >= c): raise ValueError(f'class indices outside 0..{c-1}')
+    return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)
+
+def plot_confusion(cm, classes, ax=None, title=None):
+    "Show confusion matrix `cm` with its counts; rows are true classes, columns predictions."
+    ax = ax or plt.subplots(figsize=(6, 6))[1]
+    ax.imshow(cm, cmap='Blues')
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90); ax.set_yticks(ticks, classes)
+    ax.set_xlabel('predicted'); ax.set_ylabel('true')
+    for i in ticks:
+        for j in ticks: ax.text(j, i, int(cm[i, j]), ha='center', va='center', fontsize=7, color='white' if cm[i, j] > cm.max() / 2 else 'black')
+    if title: ax.set_title(title)
+    return ax
