@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, SequentialSampler, RandomSampler
 from fastcore.test import *
 from .core import *
+from .files import *
 from .data import *
 from .datasets import *
 from .init import *
