@@ -34,6 +34,7 @@ from .checkpoint import *
 from .distributed import *
 from .vision import *
 from .resnet import *
+from .cam import *
 
 # %% ../nbs/99_all.ipynb #ac7193c6
 import sys as _sys, fastcore.test as _fct

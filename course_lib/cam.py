@@ -14,7 +14,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 import matplotlib.pyplot as plt
 from .core import *
-from .data import data_dir, sha256sum, ChecksumError
+from .data import data_dir, offline, sha256sum, ChecksumError
 from .datasets import load_dogscats
 from .training import accuracy
 from .callbacks import *
@@ -24,17 +24,14 @@ from .hooks import Hook, children
 from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW, get_preds
 
 # %% auto #0
-__all__ = ['RESNETS', 'IMAGENET_STATS', 'offline', 'resnet_weights', 'weights_path', 'imagenet_state', 'cifar_resnet',
-           'pretrained_resnet', 'dogscats_data', 'cam_model', 'freeze_to', 'unfreeze', 'frozen_bns', 'BnFreeze',
-           'SaveFeatures', 'minmax', 'upsample', 'evaluating', 'cam', 'show_cam', 'grad_cam', 'composites',
-           'pointing_hits', 'pointing_game']
+__all__ = ['RESNETS', 'IMAGENET_STATS', 'resnet_weights', 'weights_path', 'imagenet_state', 'cifar_resnet', 'pretrained_resnet',
+           'dogscats_data', 'cam_model', 'freeze_to', 'unfreeze', 'frozen_bns', 'BnFreeze', 'SaveFeatures', 'minmax',
+           'upsample', 'evaluating', 'cam', 'show_cam', 'grad_cam', 'composites', 'pointing_hits', 'pointing_game']
 
 # %% ../nbs/08_cam.ipynb #3f225cbe
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
            'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-def offline(): return os.environ.get('COURSE_OFFLINE', '0') not in ('', '0')
 
 def resnet_weights(arch):
     "torchvision's default ImageNet weights of ResNet `arch`."
