@@ -14,7 +14,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 import matplotlib.pyplot as plt
 from .core import *
-from .data import data_dir, offline, sha256sum, ChecksumError
+from .data import data_dir, writable, offline, sha256sum, ChecksumError
 from .datasets import load_dogscats
 from .training import accuracy
 from .callbacks import *
@@ -71,7 +71,7 @@ def _read_cache(path, cfg):
     return info
 
 def _write_cache(model, path, info):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     try:
         with os.fdopen(fd, 'wb') as f: torch.save(model.state_dict(), f)
@@ -82,19 +82,19 @@ def _write_cache(model, path, info):
     return info
 
 # %% ../nbs/08_cam.ipynb #12882437
-def cifar_resnet(arch, epochs, n_train=None, res=32, bs=128, lr=0.2, wd=5e-4, seed=0, silent=False):
-    "torchvision ResNet `arch` trained from scratch on CIFAR-10 (`n_train` images, all by default) at `res` pixels for `epochs`, 1cycle; cached in the data dir."
+def cifar_resnet(arch, epochs, n_train=None, n_valid=None, res=32, bs=128, lr=0.2, wd=5e-4, seed=0, silent=False):
+    "torchvision ResNet `arch` trained from scratch on CIFAR-10 (`n_train` images, all by default; tested on `n_valid`) at `res` pixels for `epochs`, 1cycle; cached in the data dir."
     resnet_weights(arch)
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
     if not isinstance(res, int) or res < 32: raise ValueError(f'res={res!r}, expected an image size of at least 32 pixels')
-    cfg = dict(arch=arch, epochs=epochs, n_train=n_train, res=res, bs=bs, lr=lr, wd=wd, seed=seed)
+    cfg = dict(arch=arch, epochs=epochs, n_train=n_train, n_valid=n_valid, res=res, bs=bs, lr=lr, wd=wd, seed=seed)
     path = data_dir()/'models'/f'{arch}-cifar10-{res}px-{n_train or 50_000}x{epochs}-seed{seed}.pth'
     model = torchvision.models.get_model(arch, weights=None, num_classes=10)
     if (info := _read_cache(path, cfg)) is not None:
         model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
         return model, info
     set_seed(seed)
-    data, stats = cifar_data(bs, n_train, seed=seed), [s.tolist() for s in cifar_stats(cifar_data().train_ds.x)]
+    data, stats = cifar_data(bs, n_train, n_valid, seed=seed), [s.tolist() for s in cifar_stats(cifar_data().train_ds.x)]
     up = [BatchTransformXCallback(partial(F.interpolate, size=res, mode='bilinear'))] if res > 32 else []
     sched = ParamScheduler('lr', combine_scheds([0.25, 0.75], cos_1cycle_anneal(lr/20, lr, lr/1e4)))
     run = Runner(cifar_cbs(Normalize(*stats), seed=seed, channels_last=True) + up + [sched, AvgStatsCallback(accuracy, silent)])
@@ -201,18 +201,22 @@ def show_cam(im, m, ax=None, title=None, alpha=0.5, cmap='hot'):
     return ax
 
 # %% ../nbs/08_cam.ipynb #3db3bee7
-def _keep_out(hook, mod, inp, outp): hook.out = outp
-
 def grad_cam(model, x, layer, cls=None):
-    "Grad-CAM maps (bs×H×W, in [0, 1]) at module `layer` of `model` for class `cls` (an int or one per image; default: the predicted class)."
+    "Grad-CAM maps (bs×H×W, in [0, 1]) at module `layer` (called once per forward) of `model` for class `cls` (an int or one per image; default: the predicted class)."
     _check_batch(x)
     if not any(layer is m for m in model.modules()): raise ValueError(f'layer {type(layer).__name__} is not a module of the model')
-    with Hook(layer, _keep_out) as h, evaluating(model), torch.enable_grad():
-        out = model(x.detach().requires_grad_())
-        cls = out.argmax(1) if cls is None else torch.as_tensor(cls, device=out.device).expand(len(x))
-        if cls.min() < 0 or cls.max() >= out.shape[1]: raise ValueError(f'cls={cls.tolist()}, expected classes from 0 to {out.shape[1]-1}')
-        g, = torch.autograd.grad(out.gather(1, cls[:, None]).sum(), h.out)
-    return upsample(minmax((g.mean((2, 3), keepdim=True) * h.out.detach()).sum(1).relu().float()), x.shape[-2:])
+    acts = []
+    def leaf(mod, inp, outp):  # the layer's output as a leaf: backward stops there, body frozen or not
+        acts.append(outp.detach().requires_grad_()); return acts[-1]
+    h = layer.register_forward_hook(leaf)
+    try:
+        with evaluating(model), torch.enable_grad():
+            out = model(x)
+            cls = out.argmax(1) if cls is None else torch.as_tensor(cls, device=out.device).expand(len(x))
+            if cls.min() < 0 or cls.max() >= out.shape[1]: raise ValueError(f'cls={cls.tolist()}, expected classes from 0 to {out.shape[1]-1}')
+            g, = torch.autograd.grad(out.gather(1, cls[:, None]).sum(), acts[-1])
+    finally: h.remove()
+    return upsample(minmax((g.mean((2, 3), keepdim=True) * acts[-1].detach()).sum(1).relu().float()), x.shape[-2:])
 
 # %% ../nbs/08_cam.ipynb #5d5dc627
 def composites(ims, n, canvas, size, bg='blur', seed=0):

@@ -1,4 +1,4 @@
-import copy, json, socket, warnings
+import copy, json, socket, urllib.request, warnings
 import numpy as np, pytest, torch, torchvision
 from torch import nn
 import torch.nn.functional as F
@@ -6,7 +6,7 @@ from course_lib.core import *
 from course_lib.data import ChecksumError
 from course_lib.training import Dataset
 from course_lib.callbacks import *
-from course_lib.cuda import DeviceCallback
+from course_lib.cuda import DeviceCallback, BatchTransformXCallback
 from course_lib.vision import batch_dl, SGDW
 import course_lib.cam as camlib
 from course_lib.cam import *
@@ -126,7 +126,7 @@ def test_save_features_removable_and_context_manager():
 
 # ---- Grad-CAM against the grad-cam package
 def test_grad_cam_matches_pytorch_grad_cam():
-    pgc = pytest.importorskip('pytorch_grad_cam', reason='the grad-cam package (a dev requirement) is not installed')
+    import pytorch_grad_cam as pgc  # a dev requirement: missing, the test fails
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     model = pretrained_like(small_model()).eval()
     x = torch.randn(3, 3, 128, 96, generator=torch.Generator().manual_seed(0))
@@ -151,13 +151,14 @@ def test_grad_cam_at_the_head_conv_is_the_channel_difference():
 # ---- the pretrained body: offline, no network
 @pytest.fixture
 def no_network(monkeypatch):
-    "Every socket connection raises; `attempts` counts them."
+    "Every socket connection, URL opening and torch hub download raises; `attempts` counts them."
     attempts = []
     def refuse(*a, **k):
         attempts.append(a)
         raise OSError('network is unreachable (test)')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
+    for obj, name in ((socket.socket, 'connect'), (socket.socket, 'connect_ex'), (socket, 'create_connection'),
+                      (urllib.request, 'urlopen'), (torch.hub, 'download_url_to_file'), (torch.hub, 'load_state_dict_from_url')):
+        monkeypatch.setattr(obj, name, refuse)
     return attempts
 
 @pytest.fixture
@@ -166,6 +167,7 @@ def torch_home(tmp_path, monkeypatch):
     return tmp_path/'torch'
 
 def fake_cifar_data(bs=128, n_train=None, n_valid=None, seed=0, **kwargs):
+    "CIFAR-10's shapes and types, 64 random images unless `n_train` says otherwise."
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randint(0, 256, (n_train or 64, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n_train or 64,), generator=g)
     return DataBunch(batch_dl(Dataset(x, y), bs, shuffle=True, generator=g), batch_dl(Dataset(x[:16], y[:16]), 16), c=10)
@@ -179,6 +181,35 @@ def test_offline_makes_no_network_call(data_env, torch_home, no_network, monkeyp
     out = capsys.readouterr().out
     assert out.count('No ImageNet weights for resnet18') == 1 and 'CIFAR-10 instead' in out
     assert source.startswith('CIFAR-10 pretraining') and isinstance(model, torchvision.models.ResNet)
+    assert no_network == []
+
+def test_offline_path_of_the_notebook_makes_no_network_call(data_env, torch_home, no_network, monkeypatch):
+    "The real weights API on the offline path: the cache is empty and nothing is downloaded, for every architecture."
+    monkeypatch.setenv('COURSE_OFFLINE', '1')
+    for arch in RESNETS:
+        sd, why = imagenet_state(arch)
+        assert sd is None and why.startswith('not in the torch cache') and arch in why
+    assert no_network == [] and not torch_home.exists()
+
+def test_full_size_path_resnet34_at_224(data_env, torch_home, no_network, monkeypatch, capsys):
+    "Full size's arguments (resnet34, 224 pixels, batches of 64, canvas 448) on a few random images, 2 epochs of pretraining instead of 30: the code path of a full run."
+    monkeypatch.setenv('COURSE_OFFLINE', '1')
+    monkeypatch.setattr(camlib, 'cifar_data', lambda bs=128, n_train=None, n_valid=None, seed=0: fake_cifar_data(bs, 16, n_valid, seed))
+    body, norm, source = pretrained_resnet('resnet34', epochs=2)
+    assert 'No ImageNet weights for resnet34' in capsys.readouterr().out and source.startswith('CIFAR-10 pretraining (2 epochs')
+    model = cam_model(body); freeze_to(model, -4)
+    assert model[-4].in_channels == 512 and len(frozen_bns(model)) == 36
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1])
+    data = DataBunch(batch_dl(Dataset(x, y), 64), batch_dl(Dataset(x, y), 64), c=2)
+    before = buffers(model)
+    Runner([DeviceCallback('cpu', channels_last=True), BatchTransformXCallback(norm), BnFreeze()]).fit(1, Learner(model, SGDW(model.parameters(), 1e-2), F.nll_loss, data))
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    with SaveFeatures(model[-4]) as sf: maps = cam(model, norm(x[:2]))
+    assert sf.features.shape == (2, 2, 7, 7) and maps.shape == (2, 224, 224)
+    assert grad_cam(model, norm(x[:2]), model[-5]).shape == (2, 224, 224)
+    r = pointing_game(model, x, y, norm, {'CAM': cam}, n=1)
+    assert r['chance'] == 0.25 and 0 <= r['CAM'] <= 1
     assert no_network == []
 
 def test_online_without_a_network_tries_then_falls_back(data_env, torch_home, no_network):
