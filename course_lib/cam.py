@@ -183,13 +183,18 @@ def _check_batch(x):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f'x: {getattr(x, "dtype", type(x).__name__)} of shape {tuple(getattr(x, "shape", ()))}, expected a normalised float batch bs×3×H×W')
 
-def cam(model, x):
-    "Class activation maps (bs×H×W, in [0, 1]) of a `cam_model` for the normalised batch `x`: the last conv's features after ReLU, weighted by the predicted probabilities."
+def cam(model, x, cls=None):
+    "Class activation maps (bs×H×W, in [0, 1]) of a `cam_model` for the normalised batch `x`: the last conv's features after ReLU, weighted by the predicted probabilities, or class `cls`'s channel (an int or one per image)."
     _check_batch(x)
     if not (len(model) > 4 and isinstance(model[-4], nn.Conv2d) and isinstance(model[-1], nn.LogSoftmax)):
         raise TypeError('model does not end in the CAM head (Conv2d, pool, Flatten, LogSoftmax); see `cam_model`')
     with SaveFeatures(model[-4]) as sf, evaluating(model), torch.no_grad(): py = model(x).exp()
-    return upsample(minmax(torch.einsum('bchw,bc->bhw', sf.features.relu().float(), py.float())), x.shape[-2:])
+    if cls is None: w = py
+    else:
+        cls = torch.as_tensor(cls, device=py.device).expand(len(x))
+        if cls.min() < 0 or cls.max() >= py.shape[1]: raise ValueError(f'cls={cls.tolist()}, expected classes from 0 to {py.shape[1]-1}')
+        w = F.one_hot(cls, py.shape[1])
+    return upsample(minmax(torch.einsum('bchw,bc->bhw', sf.features.relu().float(), w.float())), x.shape[-2:])
 
 # %% ../nbs/08_cam.ipynb #20a7c4dc
 def show_cam(im, m, ax=None, title=None, alpha=0.5, cmap='hot'):
@@ -244,13 +249,14 @@ def pointing_hits(maps, boxes, seed=0):
 
 # %% ../nbs/08_cam.ipynb #219862e0
 def pointing_game(model, ims, ys, norm, map_fns, n=300, canvas=None, size=None, bg='blur', bs=32, seed=0):
-    "Hit rates of `map_fns` (name -> f(model, x)) on `n` composites of `ims` (see `composites`; default: canvas twice the photos' size), the accuracy on them, and chance."
+    "Hit rates of `map_fns` (name -> f(model, x, cls), `cls` the true classes) on `n` composites of `ims` (see `composites`; default: canvas twice the photos' size), the accuracy on them, chance; per composite, the hits and the right predictions."
     size = size or ims.shape[-1]; canvas = canvas or 2*size
     cims, idx, boxes = composites(ims, n, canvas, size, bg, seed)
-    dev, hits, correct = next(model.parameters()).device, {k: [] for k in map_fns}, []
+    dev, hits, right = next(model.parameters()).device, {k: [] for k in map_fns}, []
     for i in range(0, n, bs):
-        x = norm(cims[i:i+bs].to(dev))
-        for k, f in map_fns.items(): hits[k].append(pointing_hits(f(model, x).cpu(), boxes[i:i+bs], seed + i))
-        with evaluating(model), torch.no_grad(): correct.append(model(x).argmax(1).cpu() == ys[idx[i:i+bs]])
-    return {**{k: torch.cat(v).float().mean().item() for k, v in hits.items()},
-            'accuracy': torch.cat(correct).float().mean().item(), 'chance': size**2 / canvas**2}
+        x, y = norm(cims[i:i+bs].to(dev)), ys[idx[i:i+bs]].to(dev)
+        for k, f in map_fns.items(): hits[k].append(pointing_hits(f(model, x, y).cpu(), boxes[i:i+bs], seed + i))
+        with evaluating(model), torch.no_grad(): right.append((model(x).argmax(1) == y).cpu())
+    hits, right = {k: torch.cat(v) for k, v in hits.items()}, torch.cat(right)
+    return {**{k: v.float().mean().item() for k, v in hits.items()}, 'accuracy': right.float().mean().item(),
+            'chance': size**2 / canvas**2, 'hits': hits, 'right': right}

@@ -99,6 +99,9 @@ def test_cam_shape_normalisation_and_the_lesson_recipe(shape):
     mm = minmax(small)
     torch.testing.assert_close(mm.amin((1, 2)), torch.zeros(len(x))); torch.testing.assert_close(mm.amax((1, 2)), torch.ones(len(x)))
     assert not model[-4]._forward_hooks
+    for cls in (0, 1, torch.arange(shape[0]) % 2):
+        want = sf.features.relu()[range(shape[0]), torch.as_tensor(cls).expand(shape[0])]
+        torch.testing.assert_close(cam(model, x, cls), upsample(minmax(want), shape[2:]), atol=1e-5, rtol=0)
 
 def test_cam_restores_the_model_mode_and_removes_its_hook():
     model = small_model(); freeze_to(model, -4); model.train()
@@ -270,6 +273,7 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match='does not end in the CAM head'): cam(model[:-1], torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match='is not a module of the model'): grad_cam(model, torch.zeros(1, 3, 64, 64), nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match='expected classes from 0 to 1'): grad_cam(model, torch.zeros(1, 3, 64, 64), model[-5], cls=5)
+    with pytest.raises(ValueError, match=r'cls=\[-1\], expected classes from 0 to 1'): cam(model, torch.zeros(1, 3, 64, 64), cls=-1)
     with pytest.raises(TypeError, match='is not a torchvision ResNet'): cam_model(nn.Sequential(nn.Conv2d(3, 8, 3)))
     with pytest.raises(ValueError, match="arch='vgg16', expected a torchvision ResNet"): resnet_weights('vgg16')
     with pytest.raises(ValueError, match="arch='resnet9', expected a torchvision ResNet"): cifar_resnet('resnet9', 1)
