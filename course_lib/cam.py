@@ -82,12 +82,12 @@ def _write_cache(model, path, info):
     return info
 
 # %% ../nbs/08_cam.ipynb #12882437
-def cifar_resnet(arch, epochs, n_train=None, n_valid=None, res=32, bs=128, lr=0.2, wd=5e-4, seed=0, silent=False):
+def cifar_resnet(arch, epochs, n_train=None, n_valid=None, res=32, bs=128, lr=0.2, wd=5e-3, seed=0, silent=False):
     "torchvision ResNet `arch` trained from scratch on CIFAR-10 (`n_train` images, all by default; tested on `n_valid`) at `res` pixels for `epochs`, 1cycle; cached in the data dir."
     resnet_weights(arch)
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
     if not isinstance(res, int) or res < 32: raise ValueError(f'res={res!r}, expected an image size of at least 32 pixels')
-    cfg = dict(arch=arch, epochs=epochs, n_train=n_train, n_valid=n_valid, res=res, bs=bs, lr=lr, wd=wd, seed=seed)
+    cfg = dict(arch=arch, epochs=epochs, n_train=n_train, n_valid=n_valid, res=res, bs=bs, lr=lr, wd=wd, seed=seed, opt='SGDW nesterov')
     path = data_dir()/'models'/f'{arch}-cifar10-{res}px-{n_train or 50_000}x{epochs}-seed{seed}.pth'
     model = torchvision.models.get_model(arch, weights=None, num_classes=10)
     if (info := _read_cache(path, cfg)) is not None:
@@ -99,7 +99,7 @@ def cifar_resnet(arch, epochs, n_train=None, n_valid=None, res=32, bs=128, lr=0.
     sched = ParamScheduler('lr', combine_scheds([0.25, 0.75], cos_1cycle_anneal(lr/20, lr, lr/1e4)))
     run = Runner(cifar_cbs(Normalize(*stats), seed=seed, channels_last=True) + up + [sched, AvgStatsCallback(accuracy, silent)])
     t0 = time.time()
-    run.fit(epochs, Learner(model, SGDW(model.parameters(), lr, wd=wd), F.cross_entropy, data))
+    run.fit(epochs, Learner(model, SGDW(model.parameters(), lr, wd=wd, nesterov=True), F.cross_entropy, data))
     info = dict(cfg=cfg, stats=stats, valid_acc=run.avg_stats.history[-1]['valid_accuracy'], seconds=round(time.time() - t0, 1))
     return model.cpu(), _write_cache(model.cpu(), path, info)
 
