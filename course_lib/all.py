@@ -32,6 +32,8 @@ from .summary import *
 from .safety import *
 from .checkpoint import *
 from .distributed import *
+from .vision import *
+from .resnet import *
 
 # %% ../nbs/99_all.ipynb #ac7193c6
 import sys as _sys, fastcore.test as _fct
