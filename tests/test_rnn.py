@@ -137,6 +137,26 @@ def test_gradient_clipping_sync_free(sync_counter):
     run.fit(1, Learner(m, optim.SGD(m.parameters(), 0.1), seq_nll, lm_data()))
     assert counts['n'] == 0
 
+def test_gradient_clipping_unscales_float16_gradients():
+    "Under a GradScaler (lesson 5c's `ScaledOpt`), clipping acts on the true gradients, and the step uses them once."
+    from types import SimpleNamespace
+    from course_lib.accel import ScaledOpt
+    torch.manual_seed(0)
+    m, ref = nn.Linear(3, 3), nn.Linear(3, 3)
+    ref.load_state_dict(m.state_dict())
+    xb = torch.randn(4, 3)
+    sc = torch.amp.GradScaler('cpu', init_scale=1024.)
+    opt = ScaledOpt(optim.SGD(m.parameters(), 0.1), sc)
+    sc.scale((m(xb) ** 2).sum()).backward()
+    cb = GradientClipping(1.); cb.set_runner(SimpleNamespace(opt=opt, model=m))
+    cb.after_backward()
+    test_near(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])), 1., 1e-5)
+    opt.step()
+    (ref(xb) ** 2).sum().backward()
+    nn.utils.clip_grad_norm_(ref.parameters(), 1.)
+    optim.SGD(ref.parameters(), 0.1).step()
+    for p, q in zip(m.parameters(), ref.parameters()): test_near(p, q, 1e-5)
+
 @pytest.mark.parametrize('bad', [0, -1., True, 'x', None])
 def test_gradient_clipping_bad_input(bad):
     with pytest.raises(ValueError, match='max_norm'): GradientClipping(bad)
