@@ -55,10 +55,11 @@ class GradientAccumulation(Callback):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f'n={n!r}, expected a positive int (batches per step)')
         self.n = n
     def begin_epoch(self): self.k = 0
+    def after_cancel_batch(self): self.k = 0  # the runner dropped the group's gradients
     def after_backward(self):
         run = self.run
         self.k += 1
-        if self.k < self.n and run.iter + 1 < run.iters: raise CancelBatchException()
+        if self.k < self.n and run.iter + 1 < run.iters: return True  # keep the gradients for a later step
         if self.k > 1:
             for pg in run.opt.param_groups:
                 for p in pg['params']:

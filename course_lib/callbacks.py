@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_callbacks.ipynb #9fbb6fde
 from __future__ import annotations
-import re
+import re, numbers
 from fastcore.basics import patch
 import torch
 from torch import nn, optim
@@ -87,6 +87,13 @@ def _n_items(dl):
     ds = getattr(dl, 'dataset', None)
     return f'{len(ds)} items, batch size {getattr(dl, "batch_size", "?")}' if hasattr(ds, '__len__') else 'no items'
 
+def _check_fit(epochs, learn):
+    "`epochs` as an int; refuse a non-integral or non-positive `epochs` and empty loaders before any callback runs."
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
+    for what,dl in (('training', learn.data.train_dl), ('validation', learn.data.valid_dl)):
+        if len(dl) == 0: raise ValueError(f'the {what} loader has no batches ({_n_items(dl)}), expected at least one')
+    return int(epochs)
+
 def _add_note(e, note):
     "Add `note` to exception `e` unless an inner event already named the callback that raised."
     if not any(n.startswith('Runner: raised by') for n in getattr(e, '__notes__', ())): e.add_note(note)
@@ -142,11 +149,11 @@ def one_batch(self:Runner, xb, yb):
         self('after_loss')
         if not self.in_train: return
         self.loss.backward()
-        self('after_backward')
+        if self('after_backward'): return  # keep the gradients for a later step
         self.opt.step()
         self('after_step')
         self.opt.zero_grad()
-    except CancelBatchException: self('after_cancel_batch')
+    except CancelBatchException: self.opt.zero_grad(); self('after_cancel_batch')
     finally: self('after_batch')
 
 @patch
@@ -154,40 +161,63 @@ def all_batches(self:Runner, dl):
     self.iters = len(dl)
     try:
         for self.iter,(xb,yb) in enumerate(dl): self.one_batch(xb, yb)
-    except CancelEpochException: self('after_cancel_epoch')
+    except CancelEpochException: self.opt.zero_grad(); self('after_cancel_epoch')
 
 @patch
 def fit(self:Runner, epochs, learn):
-    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
-    if len(learn.data.train_dl) == 0: raise ValueError(f'the training loader has no batches ({_n_items(learn.data.train_dl)}), expected at least one')
-    self.epochs,self.learn,self.loss = epochs,learn,torch.tensor(0.)
+    self.epochs,self.learn,self.loss = _check_fit(epochs, learn),learn,torch.tensor(0.)
     self._setup()
+    err = None
     try:
         self.start_epoch = 0  # a callback resuming from a checkpoint moves it in `begin_fit`
         self('begin_fit')
-        for epoch in range(self.start_epoch, epochs):
+        for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
             if not self('begin_epoch'): self.all_batches(self.data.train_dl)
             with torch.no_grad():
                 if not self('begin_validate'): self.all_batches(self.data.valid_dl)
             self('after_epoch')
     except CancelTrainException: self('after_cancel_train')
-    finally: self('after_fit')
+    except BaseException as e: err = e; raise
+    finally: self._end_fit(err)
 
 @patch
 def __call__(self:Runner, cb_name):
     "Fire event `cb_name` on the callbacks that define it, in order; True if any returned something truthy."
-    fs = self._handlers.get(cb_name)
-    if fs is None: fs = self._handlers[cb_name] = [getattr(cb, cb_name) for cb in self.cbs if _defines(cb, cb_name)]
     res = False
     try:
-        for f in fs: res = bool(f()) or res
+        for f in self._fs(cb_name): res = bool(f()) or res
     except (CancelTrainException, CancelEpochException, CancelBatchException): raise
     except Exception as e:
-        cb = next((cb for cb in self.cbs if getattr(cb, cb_name, None) == f), f)
-        _add_note(e, f'Runner: raised by callback {type(cb).__name__} in event {cb_name!r}')
+        _add_note(e, f'Runner: raised by callback {self._owner(cb_name, f)} in event {cb_name!r}')
         raise
     return res
+
+# %% ../nbs/03_callbacks.ipynb #f6a79d72
+@patch
+def _fs(self:Runner, cb_name):
+    fs = self._handlers.get(cb_name)
+    if fs is None: fs = self._handlers[cb_name] = [getattr(cb, cb_name) for cb in self.cbs if _defines(cb, cb_name)]
+    return fs
+
+@patch
+def _owner(self:Runner, cb_name, f): return type(next((cb for cb in self.cbs if getattr(cb, cb_name, None) == f), f)).__name__
+
+@patch
+def _end_fit(self:Runner, err=None):
+    "Fire `after_fit` on every callback and drop the gradients; note `after_fit` errors on `err` (what ended training), else raise the first."
+    errs = []
+    for f in self._fs('after_fit'):
+        try: f()
+        except BaseException as e: errs.append((self._owner('after_fit', f), e))
+    self.opt.zero_grad()
+    if err is not None:
+        for n,e in errs: err.add_note(f"Runner: then callback {n}'s after_fit raised {type(e).__name__}: {e}")
+    elif errs:
+        (n0,e0),*rest = errs
+        _add_note(e0, f"Runner: raised by callback {n0} in event 'after_fit'")
+        for n,e in rest: e0.add_note(f"Runner: callback {n}'s after_fit also raised {type(e).__name__}: {e}")
+        raise e0
 
 # %% ../nbs/03_callbacks.ipynb #bafa1283
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step',

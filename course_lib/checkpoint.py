@@ -4,17 +4,19 @@
 
 # %% ../nbs/05g_checkpoint.ipynb #10c78d66
 from __future__ import annotations
-import os, random
+import os, copy, errno, hashlib, random
 from pathlib import Path
 import numpy as np, torch
+import torch.distributed as dist
 from torch import nn
 from .core import *
+from .files import atomic_write
 from .callbacks import *
 from .safety import shape_of
 
 # %% auto #0
-__all__ = ['CKPT_KEYS', 'checkpoint_state', 'save_checkpoint', 'CheckpointError', 'read_checkpoint', 'load_checkpoint',
-           'load_weights', 'Checkpoint']
+__all__ = ['CKPT_KEYS', 'CheckpointError', 'checkpoint_state', 'state_digest', 'save_checkpoint', 'read_checkpoint',
+           'load_checkpoint', 'load_weights', 'Checkpoint']
 
 # %% ../nbs/05g_checkpoint.ipynb #7a2a4787
 def _rngs():
@@ -34,49 +36,81 @@ def _set_rngs(s, check=False):
     torch.set_rng_state(s['torch']); random.setstate(py); np.random.set_state(npy)
     if 'cuda' in s and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
 
+def _all_rngs():
+    "The generator states of every process, in rank order (one entry without a process group)."
+    s = _rngs()
+    if not dist_on(): return [s]
+    ss = [None] * dist.get_world_size()
+    dist.all_gather_object(ss, s)
+    return ss
+
 def _generators(dl):
     "The distinct `torch.Generator`s a loader shuffles with (its own and its sampler's)."
     gs = [getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)]
     return list({id(g): g for g in gs if isinstance(g, torch.Generator)}.values())
 
 # %% ../nbs/05g_checkpoint.ipynb #5b9dbccd
-CKPT_KEYS = ('version', 'model', 'opt', 'epoch', 'n_epochs', 'n_iter', 'rng', 'generators', 'cbs')
+CKPT_KEYS = ('version', 'model', 'opt', 'opt_class', 'epoch', 'n_epochs', 'n_iter', 'rng', 'generators', 'cbs', 'digest')
+
+class CheckpointError(ValueError): "A checkpoint that cannot be read or written, or does not fit the model, optimizer and callbacks."
 
 def _unwrap(model): return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _opt_class(opt): return type(getattr(opt, 'opt', opt)).__name__  # the optimizer inside a wrapper such as lesson 5c's ScaledOpt
 
 def checkpoint_state(run):
-    "Everything needed to continue `run` after the current epoch, as tensors, numbers and lists/dicts of them."
-    return {'version': 1, 'model': _unwrap(run.model).state_dict(), 'opt': run.opt.state_dict(),
-            'epoch': run.epoch, 'n_epochs': float(run.n_epochs), 'n_iter': run.n_iter, 'rng': _rngs(),
+    "Everything needed to continue `run` after the current epoch, as tensors, numbers and lists/dicts of them (every process of a group calls it)."
+    return {'version': 2, 'model': _unwrap(run.model).state_dict(), 'opt': run.opt.state_dict(), 'opt_class': _opt_class(run.opt),
+            'epoch': run.epoch, 'n_epochs': float(run.n_epochs), 'n_iter': run.n_iter, 'rng': _all_rngs(),
             'generators': [g.get_state() for g in _generators(run.data.train_dl)],
             'cbs': {cb.name: cb.state_dict() for cb in run.cbs if callable(getattr(type(cb), 'state_dict', None))}}
 
+def state_digest(sd):
+    "The sha256 of a checkpoint's content: its structure, keys and numbers, and the bytes of every tensor."
+    h = hashlib.sha256()
+    def add(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f'T{t.dtype}{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(f'D{len(o)}'.encode())
+            for k,v in o.items(): h.update(repr(k).encode()); add(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f'L{len(o)}'.encode())
+            for v in o: add(v)
+        else: h.update(f'{type(o).__name__}:{o!r}'.encode())
+    add(sd)
+    return h.hexdigest()
+
+def _disk_full(e):
+    "The ENOSPC or EDQUOT `OSError` behind exception `e` (torch reports a failed write as a RuntimeError), else None."
+    while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)): e = e.__cause__ or e.__context__
+    return e
+
 def save_checkpoint(run, fn):
-    "Write `checkpoint_state(run)` to `fn` atomically (temporary file, fsync, `os.replace`)."
-    fn = Path(fn)
-    tmp = fn.with_name(f'.{fn.name}.tmp')
+    "Write `checkpoint_state(run)` and its digest to `fn` atomically; in a process group every rank calls it and rank 0 writes."
+    fn, sd = Path(fn), checkpoint_state(run)
+    if rank(): return fn
+    sd['digest'] = state_digest(sd)
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(checkpoint_state(run), f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, fn)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        with atomic_write(fn) as f: torch.save(sd, f)
+    except Exception as e:
+        if full := _disk_full(e): raise CheckpointError(f'{fn}: the disk is full ({full.strerror}); '
+                                                        + (f'the previous {fn.name} is intact' if fn.exists() else 'no checkpoint was written')) from e
         raise
     return fn
 
 # %% ../nbs/05g_checkpoint.ipynb #8b5bb095
-class CheckpointError(ValueError): "A checkpoint that cannot be read or does not fit the model and optimizer."
-
 def _first_line(e): return (str(e).strip().splitlines() or [''])[0]
 
 def read_checkpoint(fn):
-    "Load checkpoint `fn` to the CPU with `weights_only=True`; `CheckpointError` if it is unreadable or incomplete."
+    "Load checkpoint `fn` to the CPU with `weights_only=True`; `CheckpointError` if it is unreadable, incomplete or fails its digest."
     if not Path(fn).is_file(): raise FileNotFoundError(f'checkpoint {fn} not found')
     try: sd = torch.load(fn, map_location='cpu', weights_only=True)
     except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)}); it is truncated, corrupt or not a checkpoint') from e
     if not isinstance(sd, dict) or (missing := [k for k in CKPT_KEYS if k not in sd]):
-        raise CheckpointError(f'{fn}: not a course_lib checkpoint, missing {missing if isinstance(sd, dict) else CKPT_KEYS}')
+        raise CheckpointError(f'{fn}: not a course_lib checkpoint of version 2, missing {missing if isinstance(sd, dict) else CKPT_KEYS}')
+    if (d := state_digest({k: v for k,v in sd.items() if k != 'digest'})) != sd['digest']:
+        raise CheckpointError(f'{fn}: the content does not match its digest (stored {str(sd["digest"])[:64]}, computed {d}): the file is corrupt')
     return sd
 
 def _check_model(model, sd, fn):
@@ -85,30 +119,44 @@ def _check_model(model, sd, fn):
     if bad := [(k, shape_of(sd[k]), shape_of(v)) for k,v in own.items() if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape]:
         raise CheckpointError(f'{fn}: shapes differ (key, checkpoint, model): {bad[:5]}')
 
-def _check_opt(opt, sd, fn):
+def _check_opt(opt, sd, cls, fn):
+    if cls != _opt_class(opt): raise CheckpointError(f'{fn}: saved with a {cls} optimizer, the learner has {_opt_class(opt)}')
     pgs,ps = sd['param_groups'],[p for pg in opt.param_groups for p in pg['params']]
     if [len(g['params']) for g in pgs] != [len(g['params']) for g in opt.param_groups]:
         raise CheckpointError(f'{fn}: the optimizer has parameter groups of sizes {[len(g["params"]) for g in opt.param_groups]}, the checkpoint {[len(g["params"]) for g in pgs]}')
+    for i,(g,own) in enumerate(zip(pgs, opt.param_groups)):
+        if (a := set(g) - {'params'}) != (b := set(own) - {'params'}):
+            raise CheckpointError(f'{fn}: parameter group {i} of the checkpoint has hyper-parameters {sorted(a - b)} the optimizer lacks, and lacks {sorted(b - a)}')
     for i,st in sd['state'].items():
         for k,v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() and v.shape != ps[i].shape: raise CheckpointError(f'{fn}: optimizer state {k!r} of parameter {i} has shape {shape_of(v)}, the parameter {shape_of(ps[i])}')
 
+def _loadable(run, cbs): return [cb for cb in run.cbs if cb.name in cbs and callable(getattr(type(cb), 'load_state_dict', None))]
+
+def _check_cbs(run, cbs, dev, fn):
+    "Load each callback's saved state into a copy of the callback, so a state that does not load is found before anything changes."
+    for cb in _loadable(run, cbs):
+        try: copy.copy(cb).load_state_dict(cbs[cb.name], device=dev)
+        except Exception as e: raise CheckpointError(f'{fn}: the saved state of callback {cb.name!r} does not load ({type(e).__name__}: {_first_line(e)})') from e
+
 # %% ../nbs/05g_checkpoint.ipynb #1d4e44d0
 def load_checkpoint(run, fn):
-    "Validate checkpoint `fn` against `run`'s model, optimizer and loaders, then restore all of it and the position."
+    "Validate checkpoint `fn` against `run`'s model, optimizer, loaders and callbacks, then restore all of it and the position."
     sd = read_checkpoint(fn)
-    model,opt,gens = _unwrap(run.model),run.opt,_generators(run.data.train_dl)
+    model,opt,gens,rngs = _unwrap(run.model),run.opt,_generators(run.data.train_dl),sd['rng']
+    dev = next(model.parameters()).device
     try:
-        _check_model(model, sd['model'], fn); _check_opt(opt, sd['opt'], fn); _set_rngs(sd['rng'], check=True)
+        _check_model(model, sd['model'], fn); _check_opt(opt, sd['opt'], sd['opt_class'], fn)
+        if not isinstance(rngs, list) or not rngs: raise CheckpointError(f'{fn}: expected a list of generator states, one per process, found {type(rngs).__name__}')
+        for s in rngs: _set_rngs(s, check=True)
         if len(sd['generators']) != len(gens): raise CheckpointError(f'{fn}: {len(sd["generators"])} loader generators saved, the training loader has {len(gens)}')
         for s in sd['generators']: torch.Generator().set_state(s)
+        _check_cbs(run, sd['cbs'], dev, fn)
     except CheckpointError: raise
     except Exception as e: raise CheckpointError(f'{fn}: invalid checkpoint ({type(e).__name__}: {_first_line(e)})') from e
-    dev = next(model.parameters()).device
-    model.load_state_dict(sd['model']); opt.load_state_dict(sd['opt']); _set_rngs(sd['rng'])
+    model.load_state_dict(sd['model']); opt.load_state_dict(sd['opt']); _set_rngs(rngs[rank() if rank() < len(rngs) else 0])
     for g,s in zip(gens, sd['generators']): g.set_state(s)
-    for cb in run.cbs:
-        if cb.name in sd['cbs'] and callable(getattr(type(cb), 'load_state_dict', None)): cb.load_state_dict(sd['cbs'][cb.name], device=dev)
+    for cb in _loadable(run, sd['cbs']): cb.load_state_dict(sd['cbs'][cb.name], device=dev)
     run.start_epoch,run.n_epochs,run.n_iter = sd['epoch'] + 1,sd['n_epochs'],sd['n_iter']
     return sd
 
@@ -140,9 +188,9 @@ class Checkpoint(Callback):
         if rank() == 0: self.path.mkdir(parents=True, exist_ok=True)
         if self.resume:
             fn = self.resume if isinstance(self.resume, (str, Path)) else (self.epoch_files() or [None])[-1]
+            if dist_on(): l = [fn]; dist.broadcast_object_list(l, 0); fn = l[0]  # the file rank 0 picked
             if fn is not None: load_checkpoint(self.run, fn)
-    def _save(self, name):
-        if rank() == 0: save_checkpoint(self.run, self.path/name)
+    def _save(self, name): save_checkpoint(self.run, self.path/name)
     def after_epoch(self):
         if self.monitor:
             v = self.run.avg_stats.history[-1][self.monitor]
@@ -150,5 +198,5 @@ class Checkpoint(Callback):
         if self.every_epoch:
             self._save(f'epoch_{self.epoch:03d}.pth')
             if rank() == 0:
-                for f in self.epoch_files()[:-self.keep]: f.unlink()
+                for f in self.epoch_files()[:-self.keep]: f.unlink(missing_ok=True)  # another run in this folder may have removed it
     def after_cycle(self): self._save(f'cycle_{self.cycle}.pth')

@@ -9,14 +9,34 @@ import numpy as np, torch
 from fastcore.test import *
 
 # %% auto #0
-__all__ = ['SIZES', 'test_near', 'test_between', 'listify', 'camel2snake', 'func_name', 'stats', 'default_device', 'set_seed',
-           'interactive', 'dist_on', 'rank', 'course_size', 'size_pick', 'headline']
+__all__ = ['SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'stats',
+           'default_device', 'set_seed', 'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank',
+           'course_size', 'size_pick', 'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
-def test_near(a, b, eps=1e-5):
-    "`test_close` under the course's name: `a` and `b` within `eps`, element-wise."
-    test_close(a, b, eps)
-test_near.__test__ = False  # a helper, not a test for pytest to collect
+def _near(a, b, eps, rtol, where=''):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b): raise AssertionError(f'not close{where}: {len(a)} items and {len(b)} items')
+        for i,(x,y) in enumerate(zip(a, b)): _near(x, y, eps, rtol, f'{where}[{i}]')
+        return
+    x,y = (torch.as_tensor(o).detach().cpu().double() for o in (a, b))
+    try: d,tol = (x - y).abs(),eps + rtol * y.abs()
+    except RuntimeError: raise AssertionError(f'not close{where}: shapes {tuple(x.shape)} and {tuple(y.shape)}') from None
+    ok = (d <= tol) | (x == y)
+    if not ok.all():
+        bad = (~ok).nonzero()[0].tolist() if ok.dim() else []
+        raise AssertionError(f'not close{where}: at index {bad} |a-b| = {d[tuple(bad)]:.3g} > {eps:g} + {rtol:g}·|b| = {tol[tuple(bad)]:.3g}\n{a}\n{b}')
+
+def test_near(a, b, eps=None, rtol=None):
+    "Check `|a-b| <= eps + rtol·|b|` element-wise (`torch.allclose`'s rule): default eps=1e-5, rtol=1e-3; give one alone and the other is 0."
+    if eps is None and rtol is None: eps,rtol = 1e-5,1e-3
+    _near(a, b, eps or 0., rtol or 0.)
+
+def test_near_zero(a, tol=1e-3):
+    "Check every element of `a` is within `tol` of 0 (the course's check for the mean of normalised data)."
+    if not (torch.as_tensor(a).detach().abs() < tol).all(): raise AssertionError(f'not near zero: {a}, expected |a| < {tol}')
+
+test_near.__test__ = test_near_zero.__test__ = False  # helpers, not tests for pytest to collect
 
 # %% ../nbs/00_core.ipynb #4f04150a
 def test_between(x, lo, hi, what='value'):
@@ -65,6 +85,18 @@ def set_seed(seed=42, deterministic=False):
     "Seed `random`, NumPy and PyTorch (CPU and CUDA); `deterministic` also asks cuDNN for reproducible kernels."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+# %% ../nbs/00_core.ipynb #1ebfa523
+def rng_states():
+    "The states of the random number generators of Python, NumPy and PyTorch (CPU, and each GPU when there is one)."
+    s = {'random': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
+    return s
+
+def set_rng_states(s):
+    "Put back the generator states `s` returned by `rng_states()`."
+    random.setstate(s['random']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
+    if 'cuda' in s: torch.cuda.set_rng_state_all(s['cuda'])
 
 # %% ../nbs/00_core.ipynb #1c7bd290
 def interactive():

@@ -5,11 +5,21 @@
 # %% ../nbs/05_cuda.ipynb #5cbc897f
 from __future__ import annotations
 import torch
+from torch import nn, optim
+import torch.nn.functional as F
 from .core import *
+from .datasets import normalize
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['CudaCallback', 'DeviceCallback', 'BatchTransformXCallback', 'view_tfm']
+__all__ = ['CudaCallback', 'normalize_to', 'DeviceCallback', 'BatchTransformXCallback', 'view_tfm', 'Lambda', 'flatten',
+           'get_runner']
+
+# %% ../nbs/05_cuda.ipynb #9e6aff12
+def normalize_to(train, valid):
+    "`train` and `valid` normalised with the mean and std of `train`."
+    m,s = train.mean(),train.std()
+    return normalize(train, m, s),normalize(valid, m, s)
 
 # %% ../nbs/05_cuda.ipynb #f082ddf1
 class DeviceCallback(Callback):
@@ -40,3 +50,23 @@ def view_tfm(*size):
     if not size or not all(isinstance(o, int) and o > 0 for o in size): raise ValueError(f'size={size!r}, expected positive ints')
     def _inner(x): return x.view(-1, *size)
     return _inner
+
+# %% ../nbs/05_cuda.ipynb #3b1a7b07
+class Lambda(nn.Module):
+    "A layer applying `func` to its input (a named function: a `lambda` cannot be pickled)."
+    def __init__(self, func):
+        super().__init__()
+        if not callable(func): raise TypeError(f'func={func!r} is not callable, expected a function of the input')
+        self.func = func
+    def forward(self, x): return self.func(x)
+    def extra_repr(self): return func_name(self.func)
+
+def flatten(x):
+    "Each item of batch `x` as a flat vector: `bs×…` -> `bs×n`."
+    return x.reshape(x.shape[0], -1)
+
+# %% ../nbs/05_cuda.ipynb #2feaafd3
+def get_runner(model, data, lr=0.6, cbs=None, opt_func=None, loss_func=F.cross_entropy):
+    "A `Learner` for `model` on `data` (`opt_func(params, lr=lr)`, plain SGD by default) and a `Runner` with callbacks `cbs`."
+    opt_func = opt_func or optim.SGD
+    return Learner(model, opt_func(model.parameters(), lr=lr), loss_func, data),Runner(cb_funcs=listify(cbs))

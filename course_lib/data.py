@@ -4,15 +4,16 @@
 
 # %% ../nbs/00b_data.ipynb #2541b6b6
 from __future__ import annotations
-import os, sys, hashlib, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
+import os, sys, errno, hashlib, http.client, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 import numpy as np, torch
 from .core import *
+from .files import *
 
 # %% auto #0
-__all__ = ['DATASETS', 'DataFile', 'DataSource', 'data_dir', 'mirror_dirs', 'ChecksumError', 'DataNotFoundError', 'sha256sum',
-           'find_data', 'download_data', 'untar_data']
+__all__ = ['DATASETS', 'MARK', 'DataFile', 'DataSource', 'data_dir', 'writable', 'mirror_dirs', 'offline', 'ChecksumError',
+           'DataNotFoundError', 'sha256sum', 'places', 'find_data', 'download_data', 'extraction_mark', 'untar_data']
 
 # %% ../nbs/00b_data.ipynb #c5f0bac2
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ _mn_sha = ('440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609', '
 
 DATASETS = {s.name: s for s in (
     DataSource('nietzsche', 'text', (DataFile('nietzsche.txt', 'https://s3.amazonaws.com/text-datasets/nietzsche.txt',
-        mirror_sha256='dea01ca2da603db6736fd856c585d073ccf3dca68efe4a59c5e73242cdf0b028'),)),
+        'dea01ca2da603db6736fd856c585d073ccf3dca68efe4a59c5e73242cdf0b028'),)),
     DataSource('fashion_mnist', 'idx', tuple(DataFile(f, _FM+f, h, h) for f,h in zip(_idx_names, _fm_sha)),
                subdir='fashion-mnist', system_dirs=('/usr/share/datasets/fashion-mnist',)),
     DataSource('mnist', 'idx', tuple(DataFile(f, _MN+f, h) for f,h in zip(_idx_names, _mn_sha)), subdir='mnist'),
@@ -61,17 +62,29 @@ DATASETS = {s.name: s for s in (
 
 # %% ../nbs/00b_data.ipynb #3d51d2bc
 def data_dir():
-    "The folder downloads and extracted datasets go to (created on demand)."
-    if d := os.environ.get('COURSE_DATA'): p = Path(d).expanduser()
-    else:
-        repo = Path(globals().get('__file__', '_')).resolve().parent.parent / 'data'  # the module, or a notebook in nbs/
-        p = repo if (repo / 'README.md').exists() else Path.home() / '.course_lib' / 'data'
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    "The folder downloads and extracted datasets go to (not created here: see `writable`)."
+    if d := os.environ.get('COURSE_DATA'): return Path(d).expanduser()
+    repo = Path(globals().get('__file__', '_')).resolve().parent.parent / 'data'  # the module, or a notebook in nbs/
+    return repo if (repo / 'README.md').exists() else Path.home() / '.course_lib' / 'data'
+
+def writable(d=None):
+    "Folder `d` (default: the data dir), created if needed; an error naming it and `COURSE_DATA` if it cannot be written."
+    d = Path(d) if d else data_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK): raise PermissionError(errno.EACCES, 'not writable')
+    except OSError as e:
+        raise type(e)(e.errno, f'cannot write to {d} ({e.strerror or e}): set COURSE_DATA to a folder you can write to '
+                               f'(it is {os.environ.get("COURSE_DATA", "not set")})') from e
+    return d
 
 def mirror_dirs():
     "The offline mirror folders from `COURSE_DATA_MIRROR`, in search order."
     return [Path(p).expanduser() for p in os.environ.get('COURSE_DATA_MIRROR', '').split(os.pathsep) if p.strip()]
+
+def offline():
+    "True when downloads are off (`COURSE_OFFLINE` set to anything but 0)."
+    return os.environ.get('COURSE_OFFLINE', '0') not in ('', '0')
 
 # %% ../nbs/00b_data.ipynb #207c3165
 class ChecksumError(ValueError): pass
@@ -86,69 +99,75 @@ def sha256sum(path, bs=1<<20):
 
 def _trusted(path): return path.with_name(path.name + '.sha256')
 
-def _checked(f:DataFile, path):
-    "True if `path` has an accepted digest, or the one remembered when it was downloaded without a recorded digest."
-    digest = sha256sum(path)
+def _accepts(f:DataFile, path, digest):
+    "True if `digest`, of the file at `path`, is accepted for `f`: recorded, or remembered when `f` was downloaded without a recorded one."
     if digest in f.digests: return True
     t = _trusted(path)
-    if f.sha256 is None and t.is_file() and t.read_text().strip() == digest: return True
-    warnings.warn(f'{path}: sha256 {digest} is not one of {f.digests}; ignoring this copy')
-    return False
+    return f.sha256 is None and t.is_file() and t.read_text().strip() == digest
 
 # %% ../nbs/00b_data.ipynb #72335fcc
-def _places(src:DataSource, f:DataFile):
-    "Where `f` may already be, in search order."
+def places(src:DataSource, f:DataFile):
+    "Where file `f` of `src` is looked for, in search order: data dir, mirrors (the dataset's subfolder first), system folders."
     roots = [data_dir()] + mirror_dirs()
     ps = [r/src.subdir/f.fname for r in roots if src.subdir] + [r/f.fname for r in roots]
     return ps + [Path(d)/f.fname for d in src.system_dirs]
 
+def _progress(name, total):
+    "A progress bar over `total` bytes in a notebook or terminal, else None."
+    if not (interactive() and total): return None
+    from fastprogress.fastprogress import progress_bar
+    pb = progress_bar(range(total)); pb.comment = name; pb.update(0)
+    return pb
+
 def _fetch(f:DataFile, dest:Path, timeout=60):
-    "Download `f.url` to `dest` through a temporary file; check its digest before the rename."
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(f.url, timeout=timeout) as r:
+    "Download `f.url` to `dest`, one process at a time; check it is whole and its digest before it gets its name."
+    with locked(dest):
+        if dest.is_file() and _accepts(f, dest, sha256sum(dest)): return dest  # downloaded by another process while we waited
+        remove_temps(dest, '.part')
+        with atomic_write(dest, '.part') as out, urllib.request.urlopen(f.url, timeout=timeout) as r:
             total = int(r.headers.get('Content-Length') or 0)
-            pb = None
-            if interactive() and total:
-                from fastprogress.fastprogress import progress_bar
-                pb = progress_bar(range(total)); pb.comment = f.fname; pb.update(0)
-            done = 0
+            done, h, pb = 0, hashlib.sha256(), _progress(f.fname, total)
             while chunk := r.read(1<<20):
                 out.write(chunk); h.update(chunk); done += len(chunk)
                 if pb: pb.update(min(done, total))
-        digest = h.hexdigest()
-        trust = digest not in f.digests
-        if trust and f.sha256 is not None: raise ChecksumError(f'{f.fname} from {f.url}: expected sha256 {" or ".join(f.digests)}, got {digest}')
-        os.replace(tmp, dest)
-        if trust:
-            warnings.warn(f'{f.fname}: canonical sha256 not recorded; keeping the download unchecked and remembering its sha256 {digest}')
-            _trusted(dest).write_text(digest + '\n')
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+            if total and done != total: raise OSError(f'received {done} of the {total} bytes announced: the transfer was cut short')
+            digest = h.hexdigest()
+            if digest not in f.digests:
+                if f.sha256 is not None: raise ChecksumError(f'{f.fname} from {f.url}: expected sha256 {" or ".join(f.digests)}, got {digest}')
+                warnings.warn(f'{f.fname}: canonical sha256 not recorded; keeping the download unchecked and remembering its sha256 {digest}')
+                with atomic_write(_trusted(dest)) as t: t.write(f'{digest}\n'.encode())
     return dest
 
 # %% ../nbs/00b_data.ipynb #4ea32ac2
-def _source(src): 
+def _source(src):
     if isinstance(src, DataSource): return src
     if src not in DATASETS: raise KeyError(f'unknown dataset {src!r}, expected one of {sorted(DATASETS)}')
     return DATASETS[src]
 
-def _find(src, f):
-    "The first place holding file `f` of `src` with an accepted digest, or None."
-    return next((p for p in _places(src, f) if p.is_file() and _checked(f, p)), None)
+def _lookup(src, f):
+    "The first place holding file `f` of `src` with an accepted digest (or None), and the copies rejected on the way as (path, digest)."
+    rejected = []
+    for p in places(src, f):
+        if not p.is_file(): continue
+        digest = sha256sum(p)
+        if _accepts(f, p, digest): return p, rejected
+        warnings.warn(f'{p}: sha256 {digest} is not one of {f.digests}; ignoring this copy')
+        rejected.append((p, digest))
+    return None, rejected
 
 def find_data(src):
     "The paths of `src`'s files found offline (data dir, mirrors, system dirs), or None if any is missing."
     src = _source(src)
-    ps = [_find(src, f) for f in src.files]
+    ps = [_lookup(src, f)[0] for f in src.files]
     return None if None in ps else ps
 
-def _not_found(src, f, err=None):
-    looked = '\n  '.join(str(p) for p in _places(src, f))
+def _not_found(src, f, rejected, err=None):
+    "The error for file `f` of `src`: why it was not downloaded, the copies refused for their checksum, every place looked."
     why = 'downloads are off (COURSE_OFFLINE=1)' if err is None else f'the download from {f.url} failed ({err})'
-    return DataNotFoundError(f'{src.name}: {f.fname} not found offline and {why}.\nLooked in:\n  {looked}\n'
+    bad = ''.join(f'\n  {p}: sha256 {d}' for p, d in rejected)
+    if bad: bad = f'\nFound, but refused for its checksum (expected sha256 {" or ".join(f.digests)}):{bad}'
+    looked = '\n  '.join(map(str, places(src, f)))
+    return DataNotFoundError(f'{src.name}: {f.fname} not found offline and {why}.{bad}\nLooked in:\n  {looked}\n'
                              'Set COURSE_DATA_MIRROR to a folder holding the file (e.g. ../shared/data), '
                              'or COURSE_DATA to the folder your datasets are in.')
 
@@ -156,27 +175,28 @@ def download_data(src, timeout=60):
     "Paths of the files of dataset `src` (a name or `DataSource`): found offline first, else downloaded and checked."
     src, res = _source(src), []
     for f in src.files:
-        p = _find(src, f)
+        p, rejected = _lookup(src, f)
         if p is None:
-            if os.environ.get('COURSE_OFFLINE', '0') not in ('', '0'): raise _not_found(src, f)
-            try: p = _fetch(f, data_dir()/src.subdir/f.fname, timeout)
-            except (OSError, ValueError) as e:
+            if offline(): raise _not_found(src, f, rejected)
+            dest = writable(data_dir()/src.subdir)/f.fname
+            try: p = _fetch(f, dest, timeout)
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 if isinstance(e, ChecksumError): raise
-                raise _not_found(src, f, e) from e
+                raise _not_found(src, f, rejected, e) from e
         res.append(p)
     return res
 
 # %% ../nbs/00b_data.ipynb #f4245eaa
 def _members(path):
-    "Names of the archive's members; zip members with an absolute path or `..` are refused."
+    "`(name, size)` of the archive's members (size None for folders and links); zip members with an absolute path or `..` are refused."
     if not zipfile.is_zipfile(path):
-        with tarfile.open(path) as t: return t.getnames()
-    with zipfile.ZipFile(path) as z: names = z.namelist()
-    for n in names:
+        with tarfile.open(path) as t: return [(m.name, m.size if m.isfile() else None) for m in t.getmembers()]
+    with zipfile.ZipFile(path) as z: ms = [(i.filename, None if i.is_dir() else i.file_size) for i in z.infolist()]
+    for n,_ in ms:
         p = PurePosixPath(n.replace('\\', '/'))
         if p.is_absolute() or (p.parts and ':' in p.parts[0]) or '..' in p.parts:
             raise ValueError(f'unsafe archive member {n!r} in {path}: absolute path or ".." in a zip')
-    return names
+    return ms
 
 def _extract(path, dest):
     "Extract archive `path` into `dest`; a tar member refused by `filter='data'` raises `ValueError`."
@@ -186,26 +206,52 @@ def _extract(path, dest):
         with tarfile.open(path) as t: t.extractall(dest, filter='data')
     except tarfile.FilterError as e: raise ValueError(f'unsafe archive member in {path}: {e}') from e
 
+MARK = '.course_lib_complete'
+
+def extraction_mark(folder):
+    "The completion mark of an extracted `folder` (archive name, size, number of files), or None if it has none."
+    p = Path(folder)/MARK
+    return p.read_text().strip() if p.is_file() else None
+
+def _done(out, root, members, mark):
+    "True if `out` holds a finished extraction: it has the mark, or every file of the archive is under `root` at its size (then it gets the mark)."
+    if extraction_mark(out) is not None: return True
+    if not out.is_dir(): return False
+    for n,sz in members:
+        if sz is not None and not ((p := root/n.lstrip('/')).is_file() and p.stat().st_size == sz): return False
+    try: (out/MARK).write_text(mark + '\n')
+    except OSError: pass  # a read-only folder: complete all the same
+    return True
+
 # %% ../nbs/00b_data.ipynb #cc8168f2
 def untar_data(src, dest=None):
-    "Extract archive `src` (dataset name or path to .tgz/.tar.gz/.zip) into `dest` (the data dir); return the folder made."
+    "Extract archive `src` (dataset name or path to .tgz/.tar.gz/.zip) into `dest` (the data dir) once; return the folder made."
     dest = Path(dest) if dest else data_dir()
     if not isinstance(src, (str, os.PathLike)) or str(src) in DATASETS:
         s = _source(src)
-        if s.folder and (dest/s.folder).is_dir(): return dest/s.folder
+        if s.folder and extraction_mark(dest/s.folder) is not None: return dest/s.folder
+        if s.folder and (dest/s.folder).is_dir() and find_data(s) is None:
+            warnings.warn(f'{dest/s.folder}: no completion mark and no copy of {s.files[0].fname} offline to check it against; using it as it is')
+            return dest/s.folder
         path = download_data(s)[0]
     else: path = Path(src)
     if not path.is_file(): raise FileNotFoundError(f'archive {path} does not exist')
-    names = [PurePosixPath(n.lstrip('/')) for n in _members(path)]
+    ms = _members(path)
+    names = [PurePosixPath(n.lstrip('/')) for n,_ in ms]
     tops = {n.parts[0] for n in names if n.parts and n.parts[0] != '.'}
     stem = path.name.removesuffix('.tgz').removesuffix('.tar.gz').removesuffix('.zip')
     single = len(tops) == 1 and any(len(n.parts) > 1 for n in names)
-    out = dest/(next(iter(tops)) if single else stem)
-    if out.is_dir(): return out
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f'.{stem}.', suffix='.extract'))
-    try:
-        _extract(path, tmp)
-        os.replace(tmp/out.name if single else tmp, out)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    out, mark = dest/(next(iter(tops)) if single else stem), f'{path.name} {path.stat().st_size} {sum(sz is not None for _,sz in ms)}'
+    if _done(out, dest if single else out, ms, mark): return out
+    with locked(writable(dest)/out.name):
+        if _done(out, dest if single else out, ms, mark): return out  # extracted by another process while we waited
+        remove_temps(out, '.extract')
+        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f'.{out.name}.', suffix='.extract'))
+        try:
+            _extract(path, tmp/'new')
+            new = tmp/'new'/out.name if single else tmp/'new'
+            (new/MARK).write_text(mark + '\n')
+            if out.exists(): os.replace(out, tmp/'old')  # a half-written folder
+            os.replace(new, out)
+        finally: shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -4,15 +4,17 @@
 
 # %% ../nbs/00c_datasets.ipynb #046ca850
 from __future__ import annotations
-import os, gzip, pickle, tempfile
+import os, gzip, pickle, warnings, zipfile, zlib
 from pathlib import Path
 import numpy as np, torch, matplotlib.pyplot as plt
 from .core import *
+from .files import *
 from .data import *
 
 # %% auto #0
-__all__ = ['FASHION_CLASSES', 'MNIST_CLASSES', 'CIFAR_CLASSES', 'IDXError', 'read_idx', 'load_idx_dataset', 'load_fashion_mnist',
-           'load_mnist', 'get_data', 'normalize', 'load_nietzsche', 'load_cifar10', 'load_dogscats', 'show_images']
+__all__ = ['FASHION_CLASSES', 'MNIST_CLASSES', 'CIFAR_CLASSES', 'CIFAR_KEYS', 'IDXError', 'read_idx', 'load_idx_dataset',
+           'load_fashion_mnist', 'load_mnist', 'get_data', 'normalize', 'load_nietzsche', 'load_cifar10',
+           'load_dogscats', 'show_images']
 
 # %% ../nbs/00c_datasets.ipynb #ba44ea51
 class IDXError(ValueError): pass
@@ -22,7 +24,7 @@ def read_idx(path, ndim=None):
     path = Path(path)
     try:
         with (gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')) as f: data = f.read()
-    except (EOFError, gzip.BadGzipFile) as e: raise IDXError(f'{path}: truncated or corrupt gzip file ({e})') from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e: raise IDXError(f'{path}: truncated or corrupt gzip file ({type(e).__name__}: {e})') from e
     if len(data) < 4: raise IDXError(f'{path}: truncated IDX file: {len(data)} bytes, expected a 4-byte magic number')
     if data[0] or data[1] or data[2] != 8:
         raise IDXError(f'{path}: bad IDX magic number 0x{data[:4].hex()}, expected 0x0000080N (unsigned bytes, N dimensions)')
@@ -69,14 +71,7 @@ def load_nietzsche():
 
 # %% ../nbs/00c_datasets.ipynb #f8d9c61f
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-
-def _save_npz(path, **arrs):
-    "Write `arrs` to `path` through a temporary file."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.npz')
-    try:
-        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrs)
-        os.replace(tmp, path)
-    except BaseException: Path(tmp).unlink(missing_ok=True); raise
+CIFAR_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 def _decode_folder(path):
     "Decode the per-class JPEG layout (`train/<cls>/*.jpg`, `test/<cls>/*.jpg`) into uint8 N×3×32×32 arrays."
@@ -99,20 +94,48 @@ def _decode_pickles(path):
     xte, yte = rd('test_batch')
     return dict(x_train=np.concatenate([x for x, _ in tr]), y_train=np.concatenate([y for _, y in tr]), x_test=xte, y_test=yte)
 
+# %% ../nbs/00c_datasets.ipynb #968ec368
+def _read_cache(cache, mark, quiet=False):
+    "The arrays in `cache` if it is readable and was made from the extraction with completion `mark`; else None, with a one-line notice unless `quiet`."
+    if not cache.is_file(): return None
+    try:
+        with open(cache, 'rb') as fh, np.load(fh) as d:
+            if 'mark' in d.files and str(d['mark']) == mark: return {k: d[k] for k in CIFAR_KEYS}
+            why = 'made from another extraction of its folder, or by an older course_lib'
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e: why = f'unreadable ({type(e).__name__}: {" ".join(str(e).split())})'
+    if not quiet: warnings.warn(f'{cache}: {why}; decoding it again')
+    return None
+
+def _cached(folder, decode):
+    "`decode(folder)`, from the cache `course_lib_uint8.npz` in `folder` when it fits; else decoded and cached, one process at a time."
+    cache, mark = folder/'course_lib_uint8.npz', extraction_mark(folder) or ''
+    if (arrs := _read_cache(cache, mark)) is not None: return arrs
+    with locked(cache):
+        if (arrs := _read_cache(cache, mark, quiet=True)) is not None: return arrs  # made by another process while we waited
+        remove_temps(cache, '.npz')
+        arrs = decode(folder)
+        with atomic_write(cache, '.npz') as f: np.savez(f, mark=np.array(mark), **arrs)
+    return arrs
+
 # %% ../nbs/00c_datasets.ipynb #9f58d499
+def _no_cifar(why):
+    "CIFAR-10 found nowhere: the two files it is read from, every place looked, and `why` nothing was downloaded."
+    ss = [DATASETS['cifar10'], DATASETS['cifar10_python']]
+    looked = '\n  '.join(str(p) for s in ss for p in [data_dir()/s.folder] + places(s, s.files[0]))
+    return DataNotFoundError(f'CIFAR-10: neither {ss[0].files[0].fname} nor {ss[1].files[0].fname} (nor a folder extracted from one) '
+                             f'was found offline, and {why}.\nLooked in:\n  {looked}\n'
+                             'Set COURSE_DATA_MIRROR to a folder holding one of them (e.g. ../shared/data), or COURSE_DATA to your data folder.')
+
 def load_cifar10():
     "`x_train, y_train, x_test, y_test` of CIFAR-10: uint8 N×3×32×32 images, int64 labels (decoded once, then cached)."
     for name, decode in (('cifar10', _decode_folder), ('cifar10_python', _decode_pickles)):
-        s = DATASETS[name]
-        cache = data_dir()/s.folder/'course_lib_uint8.npz'
-        if not cache.exists():
-            if not (data_dir()/s.folder).is_dir() and find_data(s) is None: continue
-            _save_npz(cache, **decode(untar_data(s)))
-        d = np.load(cache)
-        return tuple(torch.from_numpy(d[k]) for k in ('x_train', 'y_train', 'x_test', 'y_test'))
-    s = DATASETS['cifar10_python']
-    _save_npz(data_dir()/s.folder/'course_lib_uint8.npz', **_decode_pickles(untar_data(s)))
-    return load_cifar10()
+        if (data_dir()/DATASETS[name].folder).is_dir() or find_data(name) is not None: break
+    else:
+        if offline(): raise _no_cifar('downloads are off (COURSE_OFFLINE=1)')  # else download the pickles: name is 'cifar10_python'
+    try: folder = untar_data(name)
+    except DataNotFoundError as e: raise _no_cifar(f'the download failed: {str(e).splitlines()[0]}') from e
+    arrs = _cached(folder, decode)
+    return tuple(torch.from_numpy(arrs[k]) for k in CIFAR_KEYS)
 
 # %% ../nbs/00c_datasets.ipynb #02fd0052
 def load_dogscats(tfms=None, valid_tfms=None):

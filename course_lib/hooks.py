@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_hooks.ipynb #52a9dadc
 from __future__ import annotations
-import weakref
+import numbers, weakref
 from functools import partial
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from .core import *
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['Hook', 'children', 'find_modules', 'Hooks', 'ActStats', 'append_stats', 'HooksCallback', 'plot_stats', 'plot_hists',
-           'plot_near_zero', 'plot_layer_stds']
+__all__ = ['Hook', 'children', 'find_modules', 'ListContainer', 'Hooks', 'ActStats', 'append_stats', 'HooksCallback',
+           'plot_stats', 'plot_hists', 'plot_near_zero', 'plot_layer_stds']
 
 # %% ../nbs/05b_hooks.ipynb #0024e6ad
 def _hook_call(ref, f, mod, inp, outp):
@@ -25,12 +25,13 @@ class Hook():
     handle = None
     def __init__(self, m, f):
         if not isinstance(m, nn.Module): raise TypeError(f'{m!r} is not an nn.Module, expected a module to hook')
-        self.handle = m.register_forward_hook(partial(_hook_call, weakref.ref(self), f))
+        self.handle,self.mod_type = m.register_forward_hook(partial(_hook_call, weakref.ref(self), f)),type(m).__name__
     def remove(self):
         if self.handle is not None: self.handle.remove()
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
     def __del__(self): self.remove()
+    def __repr__(self): return f'Hook({self.mod_type})'
 
 # %% ../nbs/05b_hooks.ipynb #dd5b2ef3
 def children(m):
@@ -42,23 +43,46 @@ def find_modules(m, cond):
     if cond(m): return [m]
     return sum([find_modules(o, cond) for o in m.children()], [])
 
+# %% ../nbs/05b_hooks.ipynb #08ccbfd9
+class ListContainer():
+    "A list indexed like an array: by int, slice, list of ints or bool mask (`del` too), with a short repr."
+    items = ()
+    def __init__(self, items): self.items = listify(items)
+    def _positions(self, idx):
+        idx = list(idx.tolist() if hasattr(idx, 'tolist') else idx)
+        if idx and all(isinstance(o, bool) for o in idx):
+            if len(idx) != len(self): raise IndexError(f'a boolean mask of {len(idx)} values for {len(self)} items, expected one per item')
+            return [i for i,m in enumerate(idx) if m]
+        return [range(len(self))[i] for i in idx]
+    def __getitem__(self, idx):
+        if isinstance(idx, (numbers.Integral, slice)): return self.items[idx]
+        return [self.items[i] for i in self._positions(idx)]
+    def __delitem__(self, idx):
+        if isinstance(idx, (numbers.Integral, slice)): del self.items[idx]; return
+        drop = set(self._positions(idx))
+        self.items = [o for i,o in enumerate(self.items) if i not in drop]
+    def __setitem__(self, i, o): self.items[i] = o
+    def __len__(self): return len(self.items)
+    def __iter__(self): return iter(self.items)
+    def __repr__(self):
+        res = f'{type(self).__name__} ({len(self)} items)\n{self.items[:10]}'
+        return res[:-1] + '...]' if len(self) > 10 else res
+
 # %% ../nbs/05b_hooks.ipynb #df155a14
-class Hooks():
-    "A `Hook` calling `f` on each module of `ms` (a module stands for its children); indexable, removed together."
-    hooks = ()
+class Hooks(ListContainer):
+    "A `Hook` calling `f` on each module of `ms` (a module stands for its children): a `ListContainer` of them, removed together."
     def __init__(self, ms, f):
         ms = list(ms.children() if isinstance(ms, nn.Module) else ms)
         if bad := [m for m in ms if not isinstance(m, nn.Module)]: raise TypeError(f'{bad[0]!r} is not an nn.Module, expected modules to hook')
-        self.hooks = [Hook(m, f) for m in ms]
-    def __getitem__(self, i): return self.hooks[i]
-    def __len__(self): return len(self.hooks)
-    def __iter__(self): return iter(self.hooks)
+        super().__init__([Hook(m, f) for m in ms])
+    def __delitem__(self, idx):
+        for h in listify(self[idx]): h.remove()
+        super().__delitem__(idx)
     def remove(self):
-        for h in self.hooks: h.remove()
+        for h in self: h.remove()
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
     def __del__(self): self.remove()
-    def __repr__(self): return f'Hooks({len(self)} modules)'
 
 # %% ../nbs/05b_hooks.ipynb #5dc94944
 class ActStats():
@@ -82,6 +106,11 @@ class ActStats():
     def stds(self): return self.rows[:, 1]
     @property
     def hists(self): return self.rows[:, 2:]
+    def __getitem__(self, i):
+        "The course's view: `(means, stds, hists)`, each a list with one CPU tensor per batch."
+        rows = self.rows.cpu()
+        return ([*rows[:, 0]], [*rows[:, 1]], [*rows[:, 2:]])[i]
+    def __iter__(self): return iter(self[:])
     def near_zero(self, eps=0.5):
         "Per batch, the share of the histogram's counts in bins whose centre is within `eps` of 0."
         w = (self.hi - self.lo) / self.bins

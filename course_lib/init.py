@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import init
 
 # %% auto #0
-__all__ = ['gain', 'kaiming2', 'init_cnn']
+__all__ = ['gain', 'kaiming2', 'mse', 'init_cnn']
 
 # %% ../nbs/01_init.ipynb #75b0d1eb
 def gain(a):
@@ -28,15 +28,20 @@ def kaiming2(x, a, use_fan_out=False):
     bound = math.sqrt(3.) * gain(a) / math.sqrt(fan)
     with torch.no_grad(): return x.uniform_(-bound, bound)
 
-# %% ../nbs/01_init.ipynb #73fbee05
-_kaiming_layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# %% ../nbs/01_init.ipynb #a232fdd8
+def mse(output, targ):
+    "Mean squared error of `output` (`bs×1` or `bs`) against `targ` (`bs`)."
+    return (output.squeeze(-1) - targ).pow(2).mean()
 
-def init_cnn(m, uniform=False, a=0.):
-    "Kaiming-init (normal, or uniform) every conv/linear weight in `m` and its children, zero their biases; returns `m`."
+# %% ../nbs/01_init.ipynb #73fbee05
+_conv_layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def init_cnn(m, uniform=False, a=0.1, linear=False):
+    "Kaiming-init (normal, or uniform) for slope `a` every conv weight in `m` (and `nn.Linear` if `linear`), zero their biases; returns `m`."
     if not isinstance(m, nn.Module): raise TypeError(f'init_cnn needs an nn.Module, got {type(m).__name__}')
-    f = init.kaiming_uniform_ if uniform else init.kaiming_normal_
+    f,kinds = init.kaiming_uniform_ if uniform else init.kaiming_normal_,_conv_layers + ((nn.Linear,) if linear else ())
     for l in m.modules():
-        if isinstance(l, _kaiming_layers):
+        if isinstance(l, kinds):
             f(l.weight, a=a)
             if l.bias is not None: init.zeros_(l.bias)
     return m

@@ -28,11 +28,11 @@ class Summary():
 
 def _nparams(m, trainable=False): return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
 
-def model_summary(run, learn, dl=None, mods=None):
-    "Output shape and parameter counts of each leaf module (or of `mods`) on one batch of `dl` (default: validation)."
-    model, dl = learn.model, dl or learn.data.valid_dl
+def model_summary(run, learn, data=None, find_all=False, mods=None):
+    "Output shape and parameters of each child of the model (each leaf module if `find_all`, or `mods`) on a validation batch of `data`."
+    model, dl = learn.model, learn.data.valid_dl if data is None else getattr(data, 'valid_dl', data)
     names = {m: n for n, m in model.named_modules()}
-    mods = [m for m in model.modules() if not list(m.children())] if mods is None else list(mods)
+    if mods is None: mods = [m for m in model.modules() if not list(m.children())] if find_all else list(model.children()) or [model]
     xb, yb = next(iter(dl))
     for cb in sorted(run.cbs, key=lambda cb: cb._order):
         if hasattr(cb, 'transform_batch'): xb, yb = cb.transform_batch(xb, yb)

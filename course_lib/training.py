@@ -15,7 +15,11 @@ __all__ = ['nll', 'logsumexp', 'log_softmax', 'cross_entropy', 'accuracy', 'Data
 
 # %% ../nbs/02_minibatch.ipynb #3d5c63b8
 def nll(inp, targ):
-    "Mean negative log likelihood: `-inp[i, targ[i]]` averaged over the rows of log-probabilities `inp`."
+    "Mean negative log likelihood: `-inp[i, targ[i]]` averaged over the rows of log-probabilities `inp` (labels in `0..c-1`)."
+    c = inp.shape[-1]
+    if (bad := (targ < 0) | (targ >= c)).any():
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f'nll: label {int(targ[i])} (at position {i}) is out of range: expected labels in 0..{c-1}')
     return -inp[range(targ.shape[0]), targ].mean()
 
 # %% ../nbs/02_minibatch.ipynb #ff0e8eb8

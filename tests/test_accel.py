@@ -100,3 +100,34 @@ def test_gradient_accumulation_steps_at_end_of_uneven_pass():
     assert run.steps.n == 6 and run.n_iter == 10
     with pytest.raises(ValueError, match='n=0'): GradientAccumulation(0)
     with pytest.raises(ValueError, match='n=True'): GradientAccumulation(True)
+
+
+def test_gradient_accumulation_group_cut_by_an_interrupt_leaks_nothing():
+    "Ctrl-C in the middle of an accumulation group: the next fit starts from zero gradients."
+    m = make_learn(p=0.).model
+    m1, m2 = copy.deepcopy(m), copy.deepcopy(m)
+    class CtrlC(Callback):
+        def after_pred(self):
+            if self.iter == 2: raise KeyboardInterrupt()  # batches 0 and 1 of a group of 4 have added their gradients
+    data = lambda: make_data(n_train=64, bs=8, generator=torch.Generator().manual_seed(3))
+    learn1 = Learner(m1, optim.SGD(m1.parameters(), lr=0.05), F.cross_entropy, data())
+    with pytest.raises(KeyboardInterrupt): Runner(cbs=[GradientAccumulation(4), CtrlC]).fit(1, learn1)
+    assert all(p.grad is None or not p.grad.any() for p in m1.parameters())
+    learn1.data = data()
+    Runner(cbs=GradientAccumulation(4)).fit(1, learn1)
+    Runner(cbs=GradientAccumulation(4)).fit(1, Learner(m2, optim.SGD(m2.parameters(), lr=0.05), F.cross_entropy, data()))
+    assert max_diff(m1, m2) == 0
+
+def test_gradient_accumulation_drops_the_group_of_a_cancelled_batch():
+    "Batch 1 cancelled (before its forward pass) in groups of 2: batch 0's kept gradient goes too, and counting restarts."
+    class SkipSecond(Callback):
+        def begin_batch(self):
+            if self.in_train and self.iter == 1: raise CancelBatchException()
+    class Grads(Callback):
+        _order = 20
+        def begin_fit(self): self.seen = []
+        def after_step(self): self.seen.append(self.iter)
+    data = make_data(n_train=64, bs=8)  # 8 batches
+    run = Runner(cbs=[SkipSecond, GradientAccumulation(2), Grads])
+    run.fit(1, make_learn(data))
+    assert run.grads.seen == [3, 5, 7]

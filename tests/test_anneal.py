@@ -1,8 +1,9 @@
 import math
 from functools import partial
-import pytest, torch
+import numpy as np, pytest, torch
 from torch import nn, optim
 import torch.nn.functional as F
+from course_lib.core import listify
 from course_lib.training import accuracy, Dataset, get_dls
 from course_lib.callbacks import *
 from course_lib.anneal import *
@@ -70,8 +71,34 @@ def test_param_scheduler_checks_inputs():
     learn = lambda: Learner(bn_model(), two_group_opt(bn_model()), F.cross_entropy, make_data())
     with pytest.raises(ValueError, match='3 schedules for 2 parameter groups'): Runner(cbs=ParamScheduler('lr', [sched_no(1, 1)] * 3)).fit(1, learn())
     with pytest.raises(KeyError, match="'mom' is not a hyper-parameter of SGD"): Runner(cbs=ParamScheduler('mom', sched_no(1, 1))).fit(1, learn())
-    for bad in (lambda p: torch.tensor(0.1), lambda p: None, lambda p: '0.1', lambda p: float('nan')):
+    for bad in (lambda p: torch.tensor([0.1]), lambda p: None, lambda p: '0.1', lambda p: float('nan'), lambda p: torch.tensor(float('inf')), lambda p: True):
         with pytest.raises(TypeError, match='expected a finite real number'): Runner(cbs=ParamScheduler('lr', bad)).fit(1, learn())
+
+def course_combine_scheds(pcts, scheds):
+    "The 2019 course's `combine_scheds`, verbatim: tensor arithmetic, so its schedules return 0-d tensors (and it fails at pos=1)."
+    assert sum(pcts) == 1.
+    pcts = torch.tensor([0] + listify(pcts))
+    assert torch.all(pcts >= 0)
+    pcts = torch.cumsum(pcts, 0)
+    def _inner(pos):
+        idx = (pos >= pcts).nonzero().max()
+        actual_pos = (pos-pcts[idx]) / (pcts[idx+1]-pcts[idx])
+        return scheds[idx](actual_pos)
+    return _inner
+
+def test_param_scheduler_accepts_any_real_scalar():
+    lrs = torch.linspace(0.1, 0.01, 40)
+    scheds = {'linspace': lambda pos: lrs[int(pos * 40)], 'cos': lambda pos: 0.05 + 0.05 * torch.cos(torch.tensor(pos) * math.pi),
+              'numpy': lambda pos: np.float32(0.1 - 0.05 * pos), 'int': lambda pos: 1,
+              'course': course_combine_scheds([0.3, 0.7], [sched_lin(0.01, 0.1), sched_lin(0.1, 0.01)])}
+    for name, f in scheds.items():
+        assert isinstance(f(0.5), (torch.Tensor, np.floating, int)), name
+        model = bn_model()
+        run = Runner(cbs=[Recorder(), ParamScheduler('lr', f)])
+        run.fit(1, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
+        assert all(type(o) is float for o in run.recorder.lrs), name
+        pos = [sum([0.1] * i) for i in range(10)]  # n_epochs, summed batch by batch as TrainEvalCallback does
+        assert run.recorder.lrs == pytest.approx([float(f(p)) for p in pos]), name
 
 def test_recorder_keeps_tensors_and_converts_lazily():
     run = Runner(cbs=[Recorder, partial(AvgStatsCallback, accuracy, silent=True)])
@@ -172,3 +199,38 @@ def test_lr_find_bad_args_and_preserved_on_exception():
     with pytest.raises(RuntimeError, match='boom'):
         with preserved(learn): Runner(cbs=Boom).fit(1, learn)
     _assert_same(before, _snapshot(model, opt))
+
+
+# --- lr_find then fit is fit alone (issue 12): RNG states and loader generators are restored too
+
+def _fit_weights(with_lr_find, shared_generator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))  # dropout draws from the global RNG
+    kw = dict(generator=torch.Generator().manual_seed(1)) if shared_generator else {}
+    data = conftest.make_data(n_train=80, n_valid=16, bs=8, **kw)  # with a generator, both loaders share it
+    learn = Learner(model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9), F.cross_entropy, data)
+    if with_lr_find: lr_find(learn, max_iter=15, min_lr=1e-4, max_lr=1.)
+    Runner().fit(2, learn)
+    return [p.detach().clone() for p in model.parameters()]
+
+@pytest.mark.parametrize('shared_generator', [False, True])
+def test_lr_find_then_fit_equals_fit_alone(shared_generator):
+    for a, b in zip(_fit_weights(True, shared_generator), _fit_weights(False, shared_generator)): assert torch.equal(a, b)
+
+class _Counts(Callback):
+    _order = -1  # before LR_Find, which stops the fit in after_loss and after_step
+    def begin_fit(self): self.steps,self.valid = 0,0
+    def after_step(self): self.steps += 1
+    def after_loss(self): self.valid += not self.in_train
+
+def test_lr_find_takes_max_iter_steps_and_never_steps_on_an_exploded_loss():
+    model = bn_model()
+    learn = Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data(n_train=80, bs=8))  # 10 batches an epoch
+    counts = _Counts()
+    rec = lr_find(learn, max_iter=25, min_lr=1e-6, max_lr=1e-5, cbs=counts)  # too gentle to explode; 3 epochs
+    assert (counts.steps, len(rec.lrs), counts.valid) == (25, 25, 0)
+    assert rec.lrs[-1] == pytest.approx(1e-5) and rec.lrs[0] == pytest.approx(1e-6)
+    counts = _Counts()
+    rec = lr_find(learn, max_iter=100, min_lr=1e-2, max_lr=1e6, cbs=counts)
+    assert len(rec.lrs) < 100 and counts.steps == len(rec.lrs) - 1
+    assert rec.losses[-1] > 10 * min(rec.losses[:-1]) or not math.isfinite(rec.losses[-1])

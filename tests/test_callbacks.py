@@ -201,3 +201,74 @@ def test_train_eval_and_avg_stats_do_not_sync_per_batch(monkeypatch):
         return counts
     a, b = syncs(40), syncs(120)
     assert a == b and a.get('tolist', 0) >= 4  # the stats are read, once per epoch and per pass (plus the sampler's)
+
+
+# --- failure paths of the loop (issue 12): nothing leaks out of a cancelled or interrupted batch, every after_fit runs
+
+import numpy as np
+from conftest import make_mlp, raised, Released, make_learn as learn_on
+
+def _fixed_order_data(): return make_data(n_train=48, n_valid=16, bs=8, generator=torch.Generator().manual_seed(5))
+
+def _weights(m): return [p.detach().clone() for p in m.parameters()]
+
+def test_interrupted_batch_leaves_no_gradient_for_the_next_fit():
+    "Ctrl-C after `backward`, before `step`: the next fit must not step with the interrupted batch's gradient."
+    torch.manual_seed(0); m0 = make_mlp()
+    m1, m2 = copy.deepcopy(m0), copy.deepcopy(m0)
+    class CtrlC(Callback):
+        def after_backward(self): raise KeyboardInterrupt()
+    learn1 = Learner(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), F.cross_entropy, _fixed_order_data())
+    assert type(raised(lambda: Runner(cbs=CtrlC).fit(1, learn1))) is KeyboardInterrupt
+    assert all(p.grad is None or not p.grad.any() for p in m1.parameters())
+    learn1.data = _fixed_order_data()
+    Runner().fit(1, learn1)
+    Runner().fit(1, Learner(m2, torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), F.cross_entropy, _fixed_order_data()))
+    for a, b in zip(_weights(m1), _weights(m2)): assert torch.equal(a, b)
+
+def test_batch_cancelled_after_backward_contributes_nothing():
+    "A batch cancelled after its backward pass trains exactly like one cancelled before its forward pass."
+    def run(event):
+        class Skip(Callback): pass
+        def cancel(self):
+            if self.in_train and self.iter == 0: raise CancelBatchException()
+        setattr(Skip, event, cancel)
+        torch.manual_seed(0); m = make_mlp()
+        Runner(cbs=Skip).fit(2, Learner(m, torch.optim.SGD(m.parameters(), lr=0.1), F.cross_entropy, _fixed_order_data()))
+        return _weights(m)
+    for a, b in zip(run('begin_batch'), run('after_backward')): assert torch.equal(a, b)
+
+def test_every_after_fit_runs_and_the_first_error_names_the_others():
+    class A(Callback):
+        def after_fit(self): raise ValueError('a failed')
+    class B(Callback):
+        _order = 1
+        def after_fit(self): raise RuntimeError('b failed')
+    class Last(Released): _order = 2
+    run = Runner(cbs=[A, B, Last])
+    e = raised(lambda: run.fit(1, make_learn()))
+    assert type(e) is ValueError and str(e) == 'a failed' and run.last.done
+    notes = '\n'.join(e.__notes__)
+    assert "callback A in event 'after_fit'" in notes and 'B' in notes and 'RuntimeError' in notes and 'b failed' in notes
+
+def test_after_fit_errors_do_not_hide_the_error_that_ended_training():
+    class Boom(Callback):
+        def after_loss(self): raise KeyError('boom')
+        def after_fit(self): raise ValueError('cleanup failed')
+    run = Runner(cbs=[Boom, Released])
+    e = raised(lambda: run.fit(1, make_learn()))
+    assert type(e) is KeyError and run.released.done
+    assert any('ValueError' in n and 'cleanup failed' in n for n in e.__notes__)
+
+def test_fit_rejects_an_empty_validation_loader():
+    data = make_data()
+    empty = DataBunch(data.train_dl, torch.utils.data.DataLoader(Dataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)), 8), 3)
+    run = Runner(cbs=Released)
+    with pytest.raises(ValueError, match=r'validation loader has no batches \(0 items'): run.fit(1, learn_on(empty))
+    assert not hasattr(run.released, 'done')  # refused before any callback ran
+
+@pytest.mark.parametrize('epochs', [np.int64(2), np.int32(2), np.uint8(2)])
+def test_fit_accepts_any_integral_number_of_epochs(epochs):
+    run = Runner(cbs=EventLogger)
+    run.fit(epochs, make_learn())
+    assert run.event_logger.events.count('after_epoch') == 2 and run.epochs == 2 and type(run.epochs) is int

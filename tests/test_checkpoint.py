@@ -48,7 +48,8 @@ def test_checkpoint_file_is_weights_only_and_holds_everything(tmp_path):
     run.fit(2, make_learn(make_data(generator=torch.Generator().manual_seed(1))))
     sd = torch.load(tmp_path/'epoch_001.pth', weights_only=True)
     assert set(CKPT_KEYS) <= set(sd) and sd['epoch'] == 1 and sd['n_iter'] == 16 and sd['n_epochs'] == pytest.approx(2.)
-    assert set(sd['rng']) >= {'torch', 'numpy', 'python'} and len(sd['generators']) == 1
+    assert len(sd['rng']) == 1 and set(sd['rng'][0]) >= {'torch', 'numpy', 'python'} and len(sd['generators']) == 1
+    assert sd['opt_class'] == 'SGD' and sd['digest'] == state_digest({k: v for k, v in sd.items() if k != 'digest'})
     assert set(sd['cbs']) == {'recorder', 'avg_stats', 'checkpoint'} and sd['cbs']['recorder']['losses'].shape == (16,)
     assert len(sd['cbs']['avg_stats']['history']) == 2 and sd['opt']['state']  # momentum buffers
 
@@ -77,6 +78,11 @@ def _same(learn, snap):
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, w[k]), k
     assert str(learn.opt.state_dict()) == str(o)
 
+def resave(sd, fn):
+    "Save an edited checkpoint with the digest of its new content, so that loading reaches the checks after the digest's."
+    sd['digest'] = state_digest({k: v for k, v in sd.items() if k != 'digest'})
+    torch.save(sd, fn)
+
 def test_corrupt_truncated_or_mismatched_checkpoint_leaves_model_untouched(tmp_path):
     Runner(cbs=ck_cbs(tmp_path/'ok')).fit(1, make_learn())
     good = tmp_path/'ok'/'epoch_000.pth'
@@ -86,13 +92,13 @@ def test_corrupt_truncated_or_mismatched_checkpoint_leaves_model_untouched(tmp_p
     torch.save({'model': {}}, tmp_path/'partial.pth')
     sd = torch.load(good, weights_only=True)
     sd['opt']['param_groups'][0]['params'] = sd['opt']['param_groups'][0]['params'][:-1]
-    torch.save(sd, tmp_path/'opt_mismatch.pth')
+    resave(sd, tmp_path/'opt_mismatch.pth')
     sd = torch.load(good, weights_only=True)
-    sd['rng']['torch'] = sd['rng']['torch'][:10]
-    torch.save(sd, tmp_path/'bad_rng.pth')
+    sd['rng'][0]['torch'] = sd['rng'][0]['torch'][:10]
+    resave(sd, tmp_path/'bad_rng.pth')
     sd = torch.load(good, weights_only=True)
     sd['opt']['state'][0]['momentum_buffer'] = torch.zeros(2, 2)
-    torch.save(sd, tmp_path/'bad_state.pth')
+    resave(sd, tmp_path/'bad_state.pth')
     learn = make_learn()
     Runner().fit(1, learn)  # some optimizer state to protect
     snap, rng = _snap(learn), torch.get_rng_state()

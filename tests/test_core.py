@@ -1,4 +1,5 @@
-import pytest, torch
+import random
+import numpy as np, pytest, torch
 
 from course_lib.core import *
 
@@ -43,3 +44,39 @@ def test_default_device(monkeypatch):
 def test_set_seed_repeats():
     set_seed(3); a = torch.randn(3)
     set_seed(3); assert torch.equal(torch.randn(3), a)
+
+
+# --- test_near: the course's rule (torch.allclose, rtol 1e-3, atol 1e-5), both settable
+
+def test_test_near_is_relative_and_absolute():
+    test_near(torch.tensor(1e4), torch.tensor(1e4 + 5.))         # within 1e-3 relative: a large logit
+    with pytest.raises(AssertionError, match='not close'): test_near(1e4, 1e4 + 20.)
+    test_near(1e-6, 2e-6)                                         # within 1e-5 absolute
+    with pytest.raises(AssertionError, match='not close'): test_near(1e4, 1e4 + 5., 1e-5)  # eps alone: absolute only
+    test_near(1e4, 1e4 + 5., rtol=1e-3)
+    with pytest.raises(AssertionError, match='not close'): test_near(1., 1.1, rtol=0.05)  # rtol alone: relative only
+    for a in (torch.randn(20) * 1e3, torch.randn(5, 3)):
+        b = a * (1 + 5e-4)
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)  # the same rule
+        test_near(a, b)
+
+def test_test_near_on_lists_arrays_shapes_and_nan():
+    test_near([1., torch.tensor(2.), np.float32(3.)], (1., 2., 3.))
+    test_near(np.ones(3), torch.ones(3))
+    with pytest.raises(AssertionError, match=r'\[1\]'): test_near([1., 2.], [1., 3.])  # names the item
+    with pytest.raises(AssertionError, match='2 items and 1 items'): test_near([1., 2.], [1.])
+    with pytest.raises(AssertionError, match=r'shapes \(3,\) and \(2,\)'): test_near(torch.ones(3), torch.ones(2))
+    with pytest.raises(AssertionError, match='not close'): test_near(float('nan'), float('nan'))
+    test_near(float('inf'), float('inf'))
+
+def test_test_near_zero():
+    test_near_zero(torch.tensor([1e-4, -1e-4]))
+    test_near_zero(0.01, tol=0.02)
+    with pytest.raises(AssertionError, match='not near zero'): test_near_zero(torch.tensor([0., 2e-3]))
+
+def test_rng_states_round_trip():
+    s = rng_states()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_states(s)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[:2] == b[:2] and torch.equal(a[2], b[2])

@@ -68,3 +68,29 @@ def test_sync_counter_sees_a_sync(sync_counter):
         def after_loss(self): self.last = self.loss.item()
     Runner([view(), Reads(), *probes]).fit(1, image_learn())
     assert counts['n'] == 6 + 2
+
+
+# --- the course's helpers of lesson 5: normalize_to, Lambda, flatten, get_runner
+
+def test_normalize_to_uses_the_training_statistics():
+    tr, va = torch.rand(100, 4) * 3 + 1, torch.rand(20, 4)
+    ntr, nva = normalize_to(tr, va)
+    assert abs(ntr.mean().item()) < 1e-5 and ntr.std().item() == pytest.approx(1, abs=1e-5)
+    assert torch.allclose(nva, (va - tr.mean()) / tr.std())
+
+def test_lambda_and_flatten():
+    import pickle
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(Lambda(flatten)(x), x.view(4, 12)) and torch.equal(flatten(x.contiguous(memory_format=torch.channels_last)), x.reshape(4, 12))
+    m = pickle.loads(pickle.dumps(nn.Sequential(Lambda(flatten), nn.Linear(12, 2))))
+    assert m(x).shape == (4, 2) and repr(m[0]) == 'Lambda(flatten)'
+    with pytest.raises(Exception, match='pickle'): pickle.dumps(Lambda(lambda x: x))
+    with pytest.raises(TypeError, match='not callable'): Lambda(None)
+
+def test_get_runner_defaults_are_the_course_s():
+    model = nn.Linear(784, 10)
+    learn, run = get_runner(model, image_data(), cbs=[view])
+    assert type(learn.opt) is optim.SGD and learn.opt.defaults['lr'] == 0.6 and learn.opt.defaults['momentum'] == 0
+    assert learn.loss_func is F.cross_entropy and learn.model is model and isinstance(run, Runner)
+    learn, _ = get_runner(model, image_data(), lr=0.01, opt_func=optim.Adam, loss_func=F.nll_loss)
+    assert type(learn.opt) is optim.Adam and learn.opt.defaults['lr'] == 0.01 and learn.loss_func is F.nll_loss

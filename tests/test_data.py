@@ -167,7 +167,7 @@ def test_untar_tar_gz_and_zip_idempotent(tmp_path):
 
 def test_untar_flat_archive_goes_in_stem_folder(tmp_path):
     a = make_tar(tmp_path/'flat.tgz', files=[('x.txt', b'x'), ('y.txt', b'y')])
-    assert sorted(p.name for p in untar_data(a, tmp_path/'out').iterdir()) == ['x.txt', 'y.txt']
+    assert sorted(p.name for p in untar_data(a, tmp_path/'out').iterdir()) == ['.course_lib_complete', 'x.txt', 'y.txt']
     assert (tmp_path/'out'/'flat').is_dir()
 
 def test_untar_missing_archive(tmp_path):

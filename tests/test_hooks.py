@@ -1,6 +1,6 @@
 import copy, math, gc
 from functools import partial
-import pytest, torch
+import numpy as np, pytest, torch
 from torch import nn, optim
 import torch.nn.functional as F
 from course_lib.core import *
@@ -63,3 +63,42 @@ def test_append_stats_only_in_training():
     with Hook(lin, append_stats) as h:
         lin(torch.randn(4, 3)); lin.eval(); lin(torch.randn(4, 3))
     assert h.stats.n == 1
+
+
+# --- the course's ListContainer, Hooks as one, and the (means, stds, hists) tuple
+
+def test_list_container_indexing_and_repr():
+    t = ListContainer(range(10))
+    assert (t[0], t[-1], t[2:4], t[[1, 2]], t[[False] * 8 + [True, False]]) == (0, 9, [2, 3], [1, 2], [8])
+    assert t[torch.tensor([True, False] * 5)] == [0, 2, 4, 6, 8] and t[np.array([3, -1])] == [3, 9] and t[np.int64(4)] == 4
+    assert t[[]] == []
+    assert repr(t) == 'ListContainer (10 items)\n[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]'
+    assert repr(ListContainer(range(11))) == 'ListContainer (11 items)\n[0, 1, 2, 3, 4, 5, 6, 7, 8, 9...]'
+    with pytest.raises(IndexError, match='a boolean mask of 3 values for 10 items'): t[[True, False, True]]
+    with pytest.raises(IndexError): t[[0, 10]]
+    t[0] = 'a'
+    del t[[1, -1]]; del t[1:3]; del t[0]
+    assert list(t) == [4, 5, 6, 7, 8] and len(t) == 5
+    del t[[False, True, False, True, False]]
+    assert list(t) == [4, 6, 8]
+    assert ListContainer(None).items == [] and ListContainer('ab').items == ['ab']
+
+def test_hooks_index_like_a_list_container_and_del_removes_the_hook():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    hooks = Hooks(model, lambda *a: None)
+    assert isinstance(hooks, ListContainer) and hooks[0] is hooks.items[0] and len(hooks[[True, False] * 2 + [True]]) == 3
+    assert repr(hooks).startswith('Hooks (5 items)\n[Hook(Linear), Hook(ReLU)')
+    del hooks[0]
+    assert len(hooks) == 4 and not model[0]._forward_hooks and model[1]._forward_hooks
+    del hooks[[0, 2]]
+    assert not model[1]._forward_hooks and not model[3]._forward_hooks and model[2]._forward_hooks and len(hooks) == 2
+    del hooks[:]
+    assert n_hooks(model) == 0 and len(hooks) == 0
+
+def test_act_stats_read_as_the_course_tuple():
+    st = ActStats(bins=4, lo=0., hi=4.)
+    for v in (0.5, 1.5, 2.5): st.update(torch.full((3,), v))
+    ms, ss, hi = st
+    assert [m.item() for m in ms] == [0.5, 1.5, 2.5] and [s.item() for s in ss] == [0., 0., 0.]
+    assert torch.equal(torch.stack(st[2]), st.hists) and all(t.device.type == 'cpu' for t in ms + hi)
+    with pytest.raises(ValueError): ms, ss = st  # the course's first version had two lists; the final one has three

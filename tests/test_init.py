@@ -79,7 +79,7 @@ def test_init_cnn_nested(uniform):
     convs = [l for l in m.modules() if isinstance(l, (nn.Conv2d, nn.Linear))]
     w_before = [l.weight.detach().clone() for l in convs]
     keep = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(('body.0.1', 'body.1.0.1', 'emb'))}
-    assert init_cnn(m, uniform=uniform) is m
+    assert init_cnn(m, uniform=uniform, linear=True) is m
     for l, w in zip(convs, w_before):
         assert not torch.equal(l.weight.detach(), w)
         if l.bias is not None: assert torch.count_nonzero(l.bias) == 0
@@ -89,9 +89,9 @@ def test_init_cnn_nested(uniform):
 
 def test_init_cnn_scale():
     l = nn.Linear(2000, 1000)
-    init_cnn(l)
+    init_cnn(l, a=0., linear=True)
     assert l.weight.std().item() == pytest.approx(gain(0) / math.sqrt(2000), rel=0.02)
-    init_cnn(l, uniform=True, a=math.sqrt(5))
+    init_cnn(l, uniform=True, a=math.sqrt(5), linear=True)
     assert l.weight.abs().max().item() <= 1 / math.sqrt(2000) * (1 + 1e-6)
 
 def test_init_cnn_leaves_other_modules_alone():
@@ -102,3 +102,25 @@ def test_init_cnn_leaves_other_modules_alone():
 
 def test_init_cnn_bad_input():
     with pytest.raises(TypeError, match='nn.Module, got list'): init_cnn([nn.Linear(2, 2)])
+
+
+# --- the course's defaults: slope 0.1, convolutions only; the old behaviour one argument away
+
+def test_init_cnn_defaults_are_the_course_s():
+    m = nn.Sequential(nn.Conv2d(1, 64, 5), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    lin_w, lin_b = m[3].weight.detach().clone(), m[3].bias.detach().clone()
+    init_cnn(m)
+    assert m[0].weight.std().item() == pytest.approx(gain(0.1) / math.sqrt(25), rel=0.1) and not m[0].bias.any()
+    assert torch.equal(m[3].weight, lin_w) and torch.equal(m[3].bias, lin_b)  # the final linear layer keeps PyTorch's init
+    torch.manual_seed(1); init_cnn(m, a=0., linear=True)
+    assert not m[3].bias.any() and not torch.equal(m[3].weight, lin_w)
+    w1 = m[0].weight.detach().clone()
+    m2 = nn.Sequential(nn.Conv2d(1, 64, 5), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    torch.manual_seed(1); init.kaiming_normal_(m2[0].weight, a=0.); init.kaiming_normal_(m2[3].weight, a=0.)
+    assert torch.equal(w1, m2[0].weight) and torch.equal(m[3].weight, m2[3].weight)  # exactly the old init_cnn(m)
+
+def test_mse_squeezes_the_output():
+    from course_lib.init import mse
+    out, targ = torch.randn(6, 1), torch.randn(6)
+    assert mse(out, targ).item() == pytest.approx(((out[:, 0] - targ) ** 2).mean().item())
+    assert mse(out[:, 0], targ) == mse(out, targ)

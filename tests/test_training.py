@@ -189,3 +189,14 @@ def test_nll_and_accuracy():
     assert nll(inp, tensor([1, 0])).item() == pytest.approx(2.5)
     acc = accuracy(tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), tensor([1, 0, 0]))
     assert isinstance(acc, torch.Tensor) and acc.item() == pytest.approx(2/3)
+
+
+# --- labels out of range (issue 12): a clear error naming the label, not negative indexing
+
+@pytest.mark.parametrize('bad', [-1, 10, 12])
+def test_nll_rejects_labels_out_of_range(bad):
+    inp = F.log_softmax(torch.randn(4, 10), -1)
+    targ = tensor([3, bad, 0, 9])
+    for f, x in ((nll, inp), (cross_entropy, inp)):
+        with pytest.raises(IndexError, match=rf'label {bad} \(at position 1\).*expected labels in 0\.\.9'): f(x, targ)
+    assert nll(inp, tensor([0, 9, 5, 1])).isfinite()

@@ -5,11 +5,12 @@ HTML page per lesson, `index.html` (one row per lesson: status, time, headline f
 
 Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| slow`, `#| cuda`).
 Flags on: COURSE_FLAGS if set (space-separated), else `slow` at full size plus `cuda` when a GPU is present."""
-import argparse, html, os, re, sys, time
+import argparse, html, os, re, sys, tempfile, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
@@ -67,12 +68,17 @@ def run(path, out_dir, flags, timeout):
     nskip = len(nb.cells) - len(kept)
     runnable = nbformat.v4.new_notebook(cells=kept, metadata=nb.metadata)
     start, status = time.time(), 'ok'
-    client = NotebookClient(runnable, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
-    try: client.execute()
-    except CellExecutionError as e:
-        last = [l for l in re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() if l.strip()]
-        status = 'FAILED: ' + (last[-1][:150] if last else 'error')
-    except Exception as e: status = f'FAILED: {type(e).__name__}: {str(e)[:150]}'
+    with tempfile.TemporaryDirectory(prefix='course_kernel.') as d:
+        # the kernel talks over local sockets (IPC), not TCP: nothing listens on the network
+        km = KernelManager(kernel_name='python3', transport='ipc', ip=os.path.join(d, 'k'))
+        client = NotebookClient(runnable, km=km, timeout=timeout, resources={'metadata': {'path': str(NBS)}})
+        try: client.execute()
+        except CellExecutionError as e:
+            last = [l for l in re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() if l.strip()]
+            status = 'FAILED: ' + (last[-1][:150] if last else 'error')
+        except Exception as e: status = f'FAILED: {type(e).__name__}: {str(e)[:150]}'
+        finally:
+            if km.has_kernel: km.shutdown_kernel(now=True)
     secs = time.time() - start
     nbformat.write(runnable, out_dir/path.name)
     try: to_html(runnable, out_dir/(path.stem + '.html'))

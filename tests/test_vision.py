@@ -1,0 +1,241 @@
+import math
+from functools import partial
+import pytest, torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.training import Dataset
+from course_lib.callbacks import *
+from course_lib.cuda import DeviceCallback, BatchTransformXCallback
+from course_lib.anneal import ParamScheduler, sched_lin
+import course_lib.vision as vision
+from course_lib.vision import *
+
+
+def images(n=16, c=3, h=32, w=32, seed=0):
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+def loop_reference(xb, pad, generator):
+    "The same augmentation image by image, drawing the random numbers in the same order."
+    bs, _, h, w = xb.shape
+    dy, dx = torch.randint(0, 2*pad + 1, (2, bs), generator=generator)
+    flip = torch.rand(bs, generator=generator) < 0.5
+    out = [F.pad(xb[i], (pad,) * 4)[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(bs)]
+    return torch.stack([o.flip(2) if f else o for o, f in zip(out, flip)])
+
+
+@pytest.mark.parametrize('shape,pad', [((16, 3, 32, 32), None), ((5, 1, 12, 20), 3), ((4, 3, 8, 8), 0), ((1, 2, 9, 7), 1)])
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.float32, torch.float64])
+def test_flip_pad_crop_matches_the_per_image_loop(shape, pad, dtype):
+    xb = images(*shape).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    ref = loop_reference(xb, shape[2] // 8 if pad is None else pad, torch.Generator().set_state(g.get_state()))
+    out = flip_pad_crop(xb, pad, generator=g)
+    assert out.shape == xb.shape and out.dtype == dtype
+    assert torch.equal(out, ref)
+
+def test_flip_pad_crop_same_generator_same_batch_other_seed_other_batch():
+    xb = images(64)
+    a, b = (flip_pad_crop(xb, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flip_pad_crop(xb, generator=torch.Generator().manual_seed(8)))
+    g = torch.Generator().manual_seed(7)
+    assert not torch.equal(flip_pad_crop(xb, generator=g), flip_pad_crop(xb, generator=g))  # the state moves on
+
+def test_flip_pad_crop_is_per_image():
+    "Flips and offsets differ between the images of one batch: some images are flipped and some are not, offsets vary."
+    xb = images(1).expand(64, -1, -1, -1).contiguous()  # 64 copies of one image
+    out = flip_pad_crop(xb, generator=torch.Generator().manual_seed(0))
+    assert len({o.numpy().tobytes() for o in out}) > 32
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 9, (2, 64), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    assert 0 < flip.sum() < 64
+    plain = dy.eq(4) & dx.eq(4) & ~flip  # no shift, no flip: the image itself
+    assert all(torch.equal(out[i], xb[i]) for i in torch.where(plain)[0])
+    mirrored = dy.eq(4) & dx.eq(4) & flip
+    assert all(torch.equal(out[i], xb[i].flip(2)) for i in torch.where(mirrored)[0])
+
+def test_flip_pad_crop_uses_the_global_rng_without_a_generator():
+    xb = images(32)
+    torch.manual_seed(1); a = flip_pad_crop(xb)
+    torch.manual_seed(1); b = flip_pad_crop(xb)
+    assert torch.equal(a, b)
+
+@pytest.mark.parametrize('xb,kw,msg', [(torch.zeros(3, 32, 32), {}, 'expected a batch of images'),
+                                       (torch.zeros(2, 3, 8, 8), dict(pad=-1), 'pad=-1, expected an integer >= 0'),
+                                       (torch.zeros(2, 3, 8, 8), dict(pad=1.5), 'pad=1.5')])
+def test_flip_pad_crop_bad_input(xb, kw, msg):
+    with pytest.raises(ValueError, match=msg): flip_pad_crop(xb, **kw)
+
+
+def test_cifar_stats_match_a_direct_computation():
+    x = images(40, seed=2)
+    m, s = cifar_stats(x, bs=7)
+    xf = x.double().div(255).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(m, xf.mean(1).float())
+    torch.testing.assert_close(s, xf.std(1, unbiased=False).float())
+
+@pytest.mark.parametrize('x', [torch.zeros(4, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.uint8), [[1, 2]]])
+def test_cifar_stats_bad_input(x):
+    with pytest.raises(ValueError, match='expected uint8 images'): cifar_stats(x)
+
+def test_normalize_round_trip_and_statistics():
+    x = images(64)
+    norm = Normalize(*cifar_stats(x))
+    xn = norm(x)
+    assert xn.dtype == torch.float32
+    torch.testing.assert_close(xn.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.decode(xn), x.float() / 255, atol=1e-6, rtol=0)
+    assert norm.decode(xn * 10).max() <= 1 and norm.decode(xn * 10).min() >= 0
+
+@pytest.mark.parametrize('mean,std,msg', [([0.5, 0.5], [0.2] * 3, 'one value per channel'), ([0.5], [0.], 'expected positive'),
+                                          ([0.5], [float('nan')], 'expected positive'), (0.5, 0.2, 'one value per channel')])
+def test_normalize_bad_input(mean, std, msg):
+    with pytest.raises(ValueError, match=msg): Normalize(mean, std)
+
+
+def test_batch_dl_one_pass_covers_every_item_once():
+    ds = Dataset(images(50), torch.arange(50))
+    dl = batch_dl(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    ys = [yb for _, yb in dl]
+    assert [len(y) for y in ys] == [16, 16, 16, 2] and len(dl) == 4
+    assert sorted(torch.cat(ys).tolist()) == list(range(50))
+    assert torch.equal(torch.cat([yb for _, yb in batch_dl(ds, 16)]), torch.arange(50))
+
+@pytest.mark.parametrize('bs', [0, -1, 2.5, True, None])
+def test_batch_dl_bad_bs(bs):
+    with pytest.raises(ValueError, match='expected a positive integer'): batch_dl(Dataset(images(4), torch.arange(4)), bs)
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    "`cifar_data` on 200 random training and 100 test images instead of the real files."
+    x, xv = images(200, seed=1), images(100, seed=2)
+    y, yv = torch.arange(200) % 10, torch.arange(100) % 10
+    monkeypatch.setattr(vision, '_load_cifar10', lambda: (x, y, xv, yv))
+    return x, y, xv, yv
+
+def test_cifar_data_subsets_and_seeds(fake_cifar):
+    data = cifar_data(bs=32, n_train=64, n_valid=50, seed=3)
+    assert (len(data.train_ds), len(data.valid_ds), data.c) == (64, 50, 10)
+    assert data.train_dl.dataset.x.dtype == torch.uint8
+    assert len(data.valid_dl) == 1  # validation batches of 2*bs
+    again = cifar_data(bs=32, n_train=64, n_valid=50, seed=3)
+    assert torch.equal(data.train_ds.y, again.train_ds.y) and torch.equal(next(iter(data.train_dl))[1], next(iter(again.train_dl))[1])
+    assert not torch.equal(data.train_ds.y, cifar_data(bs=32, n_train=64, n_valid=50, seed=4).train_ds.y)
+    assert len(cifar_data(bs=32).train_ds) == 200
+
+@pytest.mark.parametrize('kw,msg', [(dict(n_train=0), 'n_train=0, expected an integer from 1 to 200'),
+                                    (dict(n_train=201), 'n_train=201'), (dict(n_valid=2.5), 'n_valid=2.5'),
+                                    (dict(bs=0), 'bs=0')])
+def test_cifar_data_bad_input(fake_cifar, kw, msg):
+    with pytest.raises(ValueError, match=msg): cifar_data(**kw)
+
+
+class Seen(Callback):
+    _order = 5
+    def begin_fit(self): self.xs = {True: [], False: []}
+    def after_pred(self): self.xs[self.in_train].append(self.xb.clone())
+
+def tiny_learn(n=32):
+    x, y = images(n), torch.arange(n) % 10
+    data = DataBunch(batch_dl(Dataset(x, y), 16), batch_dl(Dataset(x, y), 16), c=10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    return Learner(model, SGDW(model.parameters(), lr=0.01, wd=1e-4), F.cross_entropy, data)
+
+def test_augmentation_in_training_only():
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    run = Runner(cifar_cbs(norm, seed=0, device='cpu') + [Seen()])
+    run.fit(1, learn)
+    x = learn.data.train_ds.x
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(torch.cat(run.seen.xs[True]), torch.cat([norm(flip_pad_crop(x[:16], generator=g)), norm(flip_pad_crop(x[16:], generator=g))]))
+    assert torch.equal(torch.cat(run.seen.xs[False]), norm(x))
+    assert not torch.equal(torch.cat(run.seen.xs[True]), norm(x))
+
+def test_cifar_cbs_order_and_no_aug():
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    cbs = cifar_cbs(norm)
+    assert [type(cb) for cb in sorted(cbs, key=lambda cb: cb._order)] == [DeviceCallback, AugmentCallback, BatchTransformXCallback]
+    assert [type(cb) for cb in cifar_cbs(norm, aug=False)] == [DeviceCallback, BatchTransformXCallback]
+    with pytest.raises(TypeError, match='not callable'): AugmentCallback(3)
+
+
+def test_sgdw_step_is_decoupled_decay_then_momentum_sgd():
+    w0, g1, g2 = (torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    w = nn.Parameter(w0.clone())
+    opt = SGDW([w], lr=0.1, momentum=0.9, wd=0.01)
+    for g in (g1, g2): w.grad = g.clone(); opt.step()
+    w1 = w0 * (1 - 1e-3) - 0.1 * g1
+    torch.testing.assert_close(w.detach(), w1 * (1 - 1e-3) - 0.1 * (0.9 * g1 + g2), atol=1e-14, rtol=0)
+
+def test_sgdw_wd_is_a_param_group_hyper_parameter():
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = SGDW([{'params': [a]}, {'params': [b], 'wd': 0.}], lr=0.5, wd=0.1)
+    assert [pg['wd'] for pg in opt.param_groups] == [0.1, 0.]
+    c = nn.Parameter(torch.ones(3)); opt.add_param_group({'params': [c]})
+    assert opt.param_groups[-1]['wd'] == 0.1
+    for p in (a, b, c): p.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((3,), 0.95)); torch.testing.assert_close(b.detach(), torch.ones(3))
+    sd = opt.state_dict()
+    opt3 = SGDW([{'params': [nn.Parameter(torch.ones(3))]}, {'params': [nn.Parameter(torch.ones(3))]}, {'params': [nn.Parameter(torch.ones(3))]}], lr=0.5)
+    opt3.load_state_dict(sd)
+    assert [pg['wd'] for pg in opt3.param_groups] == [0.1, 0., 0.1]
+
+def test_sgdw_skips_parameters_without_gradient():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = SGDW([a, b], lr=0.5, wd=0.1)
+    a.grad = torch.zeros(2); opt.step()
+    assert torch.equal(b.detach(), torch.ones(2)) and not torch.equal(a.detach(), torch.ones(2))
+
+def test_sgdw_scheduled_by_param_scheduler():
+    learn = tiny_learn()
+    run = Runner([BatchTransformXCallback(Normalize([0.5] * 3, [0.25] * 3)), ParamScheduler('wd', sched_lin(1e-2, 0.))])
+    run.fit(2, learn)
+    assert learn.opt.param_groups[0]['wd'] == pytest.approx(1e-2 / 4)  # the last of 4 batches: pos 3/4
+
+@pytest.mark.parametrize('kw,err,msg', [(dict(wd=-0.1), ValueError, 'wd=-0.1'), (dict(wd=float('nan')), ValueError, 'wd=nan'),
+                                        (dict(weight_decay=1e-4), TypeError, 'SGDW takes wd')])
+def test_sgdw_bad_input(kw, err, msg):
+    with pytest.raises(err, match=msg): SGDW([nn.Parameter(torch.ones(2))], lr=0.1, **kw)
+
+
+def test_get_preds_and_tta():
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    cbs = cifar_cbs(norm, seed=0, device='cpu')
+    model, dl = learn.model, learn.data.valid_dl
+    p, y = get_preds(model, dl, cbs)
+    torch.testing.assert_close(p, model(norm(learn.data.valid_ds.x)).softmax(-1))
+    assert torch.equal(y, learn.data.valid_ds.y) and model.training
+    pa, _ = get_preds(model, dl, cbs, aug=True)
+    assert not torch.equal(pa, p)
+    p0, pt, y2 = tta(model, dl, cifar_cbs(norm, seed=1, device='cpu'), n_aug=2)
+    g = torch.Generator().manual_seed(1)
+    x = learn.data.valid_ds.x
+    def aug_pass(): return torch.cat([model(norm(flip_pad_crop(x[i:i+16], generator=g))).softmax(-1) for i in (0, 16)])
+    with torch.no_grad(): expected = (p + aug_pass() + aug_pass()) / 3
+    torch.testing.assert_close(pt, expected)
+    assert torch.equal(p0, p) and torch.equal(y2, y)
+
+def test_get_preds_restores_the_mode_when_the_model_raises():
+    class Boom(nn.Module):
+        def forward(self, x): raise RuntimeError('boom')
+    m = Boom().train()
+    with pytest.raises(RuntimeError, match='boom'): get_preds(m, [(torch.zeros(2, 3), torch.zeros(2))])
+    assert m.training
+
+def test_tta_bad_input():
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    with pytest.raises(ValueError, match='no AugmentCallback'): tta(learn.model, learn.data.valid_dl, cifar_cbs(norm, aug=False))
+    with pytest.raises(ValueError, match='n_aug=0'): tta(learn.model, learn.data.valid_dl, cifar_cbs(norm), n_aug=0)
+
+
+def test_confusion_matrix():
+    pred, targ = torch.tensor([0, 2, 1, 1, 2]), torch.tensor([0, 1, 1, 2, 2])
+    assert confusion_matrix(pred, targ, 3).tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+    assert confusion_matrix(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 2).tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError, match='2 predictions for 3 targets'): confusion_matrix(pred[:2], targ[:3], 3)
+    with pytest.raises(ValueError, match=r'outside 0\.\.1'): confusion_matrix(pred, targ, 2)
