@@ -32,6 +32,8 @@ from .summary import *
 from .safety import *
 from .checkpoint import *
 from .distributed import *
+from .text import *
+from .rnn import *
 from .vision import *
 from .resnet import *
 from .cam import *
