@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cam.ipynb #6348b04e
 from __future__ import annotations
-import json, os, re, tempfile, time, warnings
+import hashlib, io, json, re, time, warnings
 from functools import partial
 from pathlib import Path
 import torch, torchvision
@@ -14,6 +14,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 import matplotlib.pyplot as plt
 from .core import *
+from .files import atomic_write, locked
 from .data import data_dir, writable, offline, sha256sum, ChecksumError
 from .datasets import load_dogscats
 from .training import accuracy
@@ -21,7 +22,7 @@ from .callbacks import *
 from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal
 from .cuda import BatchTransformXCallback
 from .hooks import Hook, children
-from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW, get_preds
+from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW
 
 # %% auto #0
 __all__ = ['RESNETS', 'IMAGENET_STATS', 'resnet_weights', 'weights_path', 'imagenet_state', 'cifar_resnet', 'pretrained_resnet',
@@ -71,14 +72,11 @@ def _read_cache(path, cfg):
     return info
 
 def _write_cache(model, path, info):
-    writable(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        with os.fdopen(fd, 'wb') as f: torch.save(model.state_dict(), f)
-        info = dict(info, sha256=sha256sum(tmp))
-        os.replace(tmp, path)
-    except BaseException: Path(tmp).unlink(missing_ok=True); raise
-    path.with_suffix('.json').write_text(json.dumps(info, indent=1))
+    "Save `model`'s weights at `path` and `info` with their sha256 beside it (`.json`), each file complete or not there."
+    buf = io.BytesIO(); torch.save(model.state_dict(), buf)
+    info = dict(info, sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    with atomic_write(path) as f: f.write(buf.getvalue())
+    with atomic_write(path.with_suffix('.json')) as f: f.write(json.dumps(info, indent=1).encode())
     return info
 
 # %% ../nbs/08_cam.ipynb #12882437
@@ -88,20 +86,21 @@ def cifar_resnet(arch, epochs, n_train=None, n_valid=None, res=32, bs=128, lr=0.
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
     if not isinstance(res, int) or res < 32: raise ValueError(f'res={res!r}, expected an image size of at least 32 pixels')
     cfg = dict(arch=arch, epochs=epochs, n_train=n_train, n_valid=n_valid, res=res, bs=bs, lr=lr, wd=wd, seed=seed, opt='SGDW nesterov')
-    path = data_dir()/'models'/f'{arch}-cifar10-{res}px-{n_train or 50_000}x{epochs}-seed{seed}.pth'
+    path = writable(data_dir()/'models')/f'{arch}-cifar10-{res}px-{n_train or 50_000}x{epochs}-seed{seed}.pth'
     model = torchvision.models.get_model(arch, weights=None, num_classes=10)
-    if (info := _read_cache(path, cfg)) is not None:
-        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-        return model, info
-    set_seed(seed)
-    data, stats = cifar_data(bs, n_train, n_valid, seed=seed), [s.tolist() for s in cifar_stats(cifar_data().train_ds.x)]
-    up = [BatchTransformXCallback(partial(F.interpolate, size=res, mode='bilinear'))] if res > 32 else []
-    sched = ParamScheduler('lr', combine_scheds([0.25, 0.75], cos_1cycle_anneal(lr/20, lr, lr/1e4)))
-    run = Runner(cifar_cbs(Normalize(*stats), seed=seed, channels_last=True) + up + [sched, AvgStatsCallback(accuracy, silent)])
-    t0 = time.time()
-    run.fit(epochs, Learner(model, SGDW(model.parameters(), lr, wd=wd, nesterov=True), F.cross_entropy, data))
-    info = dict(cfg=cfg, stats=stats, valid_acc=run.avg_stats.history[-1]['valid_accuracy'], seconds=round(time.time() - t0, 1))
-    return model.cpu(), _write_cache(model.cpu(), path, info)
+    with locked(path):  # two runs wanting the same body take turns: the second reads what the first wrote
+        if (info := _read_cache(path, cfg)) is not None:
+            model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+            return model, info
+        set_seed(seed)
+        data, stats = cifar_data(bs, n_train, n_valid, seed=seed), [s.tolist() for s in cifar_stats(cifar_data().train_ds.x)]
+        up = [BatchTransformXCallback(partial(F.interpolate, size=res, mode='bilinear'))] if res > 32 else []
+        sched = ParamScheduler('lr', combine_scheds([0.25, 0.75], cos_1cycle_anneal(lr/20, lr, lr/1e4)))
+        run = Runner(cifar_cbs(Normalize(*stats), seed=seed, channels_last=True) + up + [sched, AvgStatsCallback(accuracy, silent)])
+        t0 = time.time()
+        run.fit(epochs, Learner(model, SGDW(model.parameters(), lr, wd=wd, nesterov=True), F.cross_entropy, data))
+        info = dict(cfg=cfg, stats=stats, valid_acc=run.avg_stats.history[-1]['valid_accuracy'], seconds=round(time.time() - t0, 1))
+        return model.cpu(), _write_cache(model.cpu(), path, info)
 
 # %% ../nbs/08_cam.ipynb #07ca5787
 def pretrained_resnet(arch='resnet34', path=None, **cifar_kw):

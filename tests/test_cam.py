@@ -1,4 +1,4 @@
-import copy, json, socket, urllib.request, warnings
+import copy, json, os, socket, urllib.request, warnings
 import numpy as np, pytest, torch, torchvision
 from torch import nn
 import torch.nn.functional as F
@@ -238,7 +238,10 @@ def test_cifar_pretraining_is_cached_checked_and_redone_when_corrupt(data_env, m
     m1, info = cifar_resnet('resnet18', **kw)
     path = data_env[0]/'models'/'resnet18-cifar10-32px-32x1-seed0.pth'
     meta = json.loads(path.with_suffix('.json').read_text())
-    assert meta['sha256'] == info['sha256'] and meta['cfg']['epochs'] == 1 and 0 <= meta['valid_acc'] <= 1
+    assert meta['sha256'] == info['sha256'] == camlib.sha256sum(path) and meta['cfg']['epochs'] == 1 and 0 <= meta['valid_acc'] <= 1
+    umask = os.umask(0); os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600: others sharing the data dir can read it
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(f'.{path.name}.') and not p.name.endswith('.lock')]  # no temporaries left
     with monkeypatch.context() as mp:
         mp.setattr(Runner, 'fit', lambda *a, **k: pytest.fail('trained again instead of reading the cache'))
         m2, _ = cifar_resnet('resnet18', **kw)
