@@ -22,12 +22,12 @@ from .callbacks import *
 from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal
 from .cuda import BatchTransformXCallback
 from .hooks import Hook, children
-from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW
+from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW, evaluating
 
 # %% auto #0
 __all__ = ['RESNETS', 'IMAGENET_STATS', 'resnet_weights', 'weights_path', 'imagenet_state', 'cifar_resnet', 'pretrained_resnet',
            'dogscats_data', 'cam_model', 'freeze_to', 'unfreeze', 'frozen_bns', 'BnFreeze', 'SaveFeatures', 'minmax',
-           'upsample', 'evaluating', 'cam', 'show_cam', 'grad_cam', 'composites', 'pointing_hits', 'pointing_game']
+           'upsample', 'cam', 'show_cam', 'grad_cam', 'composites', 'pointing_hits', 'pointing_game']
 
 # %% ../nbs/08_cam.ipynb #3f225cbe
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
@@ -170,13 +170,6 @@ def minmax(f):
 def upsample(f, size):
     "Maps `f` (bs×h×w) resized to `size` (H, W) by bilinear interpolation."
     return F.interpolate(f[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
-
-class evaluating:
-    "Context manager: `model` in eval mode inside, back in the mode it was in on exit."
-    def __init__(self, model): self.model = model
-    def __enter__(self): self.modes = [m.training for m in self.model.modules()]; self.model.eval()
-    def __exit__(self, *exc):
-        for m, t in zip(self.model.modules(), self.modes): m.training = t
 
 def _check_batch(x):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():

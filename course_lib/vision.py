@@ -19,7 +19,7 @@ from .cuda import DeviceCallback, BatchTransformXCallback
 
 # %% auto #0
 __all__ = ['cifar_stats', 'Normalize', 'batch_dl', 'cifar_data', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs', 'SGDW',
-           'get_preds', 'tta', 'confusion_matrix', 'plot_confusion']
+           'evaluating', 'get_preds', 'tta', 'confusion_matrix', 'plot_confusion']
 
 # %% ../nbs/07_cifar.ipynb #fb1579ce
 def cifar_stats(x, bs=10_000):
@@ -92,15 +92,11 @@ def flip_pad_crop(xb, pad=None, generator=None):
     return torch.where(flip[:, None, None, None], xb.flip(3), xb)
 
 # %% ../nbs/07_cifar.ipynb #920625bf
-class AugmentCallback(Callback):
+class AugmentCallback(BatchTransformXCallback):
     "Replace training batches' `xb` by `tfm(xb)` (validation batches are left alone); runs after the device callback, before batch transforms."
     _order = 1
-    def __init__(self, tfm):
-        if not callable(tfm): raise TypeError(f'tfm={tfm!r} is not callable (expected a function of xb)')
-        self.tfm = tfm
-    def transform_batch(self, xb, yb): return self.tfm(xb),yb
     def begin_batch(self):
-        if self.in_train: self.run.xb = self.tfm(self.xb)
+        if self.in_train: super().begin_batch()
 
 def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
     "The CIFAR pipeline as callbacks: `DeviceCallback`, `AugmentCallback(flip_pad_crop)` (if `aug`; seeded if `seed` is given) and `BatchTransformXCallback(norm)`."
@@ -126,18 +122,22 @@ class SGDW(optim.SGD):
         return super().step(closure)
 
 # %% ../nbs/07_cifar.ipynb #b56eedb3
+class evaluating:
+    "Context manager: `model` in eval mode inside, every module back in the mode it was in on exit."
+    def __init__(self, model): self.model = model
+    def __enter__(self): self.modes = [m.training for m in self.model.modules()]; self.model.eval()
+    def __exit__(self, *exc):
+        for m, t in zip(self.model.modules(), self.modes): m.training = t
+
 def get_preds(model, dl, cbs=(), aug=False):
     "Probabilities (softmax of the outputs) of `model` in eval mode on each batch of `dl`, prepared by the `transform_batch` of `cbs` in `_order` (skipping `AugmentCallback`s unless `aug`), and the targets."
     tfms = [cb.transform_batch for cb in sorted(listify(cbs), key=lambda cb: cb._order)
             if hasattr(cb, 'transform_batch') and (aug or not isinstance(cb, AugmentCallback))]
-    training, ps, ys = model.training, [], []
-    try:
-        model.eval()
-        with torch.no_grad():
-            for xb, yb in dl:
-                for f in tfms: xb, yb = f(xb, yb)
-                ps.append(model(xb).float().softmax(-1)); ys.append(yb)
-    finally: model.train(training)
+    ps, ys = [], []
+    with evaluating(model), torch.no_grad():
+        for xb, yb in dl:
+            for f in tfms: xb, yb = f(xb, yb)
+            ps.append(model(xb).float().softmax(-1)); ys.append(yb)
     return torch.cat(ps), torch.cat(ys)
 
 def tta(model, dl, cbs, n_aug=4):

@@ -226,6 +226,25 @@ def test_get_preds_restores_the_mode_when_the_model_raises():
     with pytest.raises(RuntimeError, match='boom'): get_preds(m, [(torch.zeros(2, 3), torch.zeros(2))])
     assert m.training
 
+def test_get_preds_puts_back_each_modules_mode():
+    m = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    m[1].eval()                                   # frozen batch norm in a training model (lesson 8's BnFreeze)
+    bn = m[1].running_mean.clone()
+    p, _ = get_preds(m, [(torch.randn(4, 2, 3), torch.zeros(4))])
+    assert [o.training for o in m.modules()] == [True, True, False, True, True]
+    assert torch.equal(m[1].running_mean, bn)
+    assert p.shape == (4, 3) and torch.allclose(p.sum(1), torch.ones(4))
+
+def test_augment_callback_is_a_batch_transform_for_training_only():
+    cb = AugmentCallback(lambda x: x + 1)
+    assert isinstance(cb, BatchTransformXCallback) and cb._order == 1
+    class Run: xb = torch.zeros(2)
+    run = Run(); cb.set_runner(run)
+    run.in_train = False; cb.begin_batch(); assert torch.equal(run.xb, torch.zeros(2))
+    run.in_train = True; cb.begin_batch(); assert torch.equal(run.xb, torch.ones(2))
+    assert torch.equal(cb.transform_batch(torch.zeros(2), 0)[0], torch.ones(2))
+    with pytest.raises(TypeError, match="tfm='flip' is not callable"): AugmentCallback('flip')
+
 def test_tta_bad_input():
     learn = tiny_learn()
     norm = Normalize([0.5] * 3, [0.25] * 3)
