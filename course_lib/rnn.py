@@ -78,12 +78,13 @@ def repackage(h):
 def _bs(h): return (h[0] if isinstance(h, tuple) else h).shape[1]
 
 class CharSeqStatefulRnn(nn.Module):
-    "An RNN (`nl` layers, dropout `p` between them) that keeps its hidden state from batch to batch: `bs × sl` indices -> `bs·sl × V` log-probabilities."
-    def __init__(self, vocab_sz, nf, nh, nl=1, p=0.):
+    "An RNN (`nl` layers, dropout `p` between them and `p_out` on the last one's output) that keeps its hidden state from batch to batch: `bs × sl` indices -> `bs·sl × V` log-probabilities."
+    def __init__(self, vocab_sz, nf, nh, nl=1, p=0., p_out=0.):
         super().__init__()
         self.vocab_sz,self.nh,self.nl = vocab_sz,nh,nl
         self.e = nn.Embedding(vocab_sz, nf)
         self.rnn = self.get_rnn(nf, nh, nl, p)
+        self.drop = nn.Dropout(p_out)
         self.l_out = nn.Linear(nh, vocab_sz)
         self.reset()
     def get_rnn(self, nf, nh, nl, p): return nn.RNN(nf, nh, nl, dropout=p, batch_first=True)
@@ -93,7 +94,7 @@ class CharSeqStatefulRnn(nn.Module):
         if self.h is None or _bs(self.h) != len(xb): self.h = self.init_hidden(len(xb))
         outp,h = self.rnn(self.e(xb), self.h)
         self.h = repackage(h)
-        return F.log_softmax(self.l_out(outp), dim=-1).view(-1, self.vocab_sz)
+        return F.log_softmax(self.l_out(self.drop(outp)), dim=-1).view(-1, self.vocab_sz)
 
 class ResetState(Callback):
     "Start each training pass and each validation pass from a zero hidden state (`model.reset()`)."
@@ -165,8 +166,8 @@ class CharSeqStatefulGRU(CharSeqStatefulRnn):
 
 # %% ../nbs/06a_rnn.ipynb #b6a10040
 class CharSeqStatefulLSTM(CharSeqStatefulRnn):
-    "`CharSeqStatefulRnn` with an LSTM: `nl` layers (default 2), dropout `p` (default 0.5) between them, state `(h, c)`."
-    def __init__(self, vocab_sz, nf, nh, nl=2, p=0.5): super().__init__(vocab_sz, nf, nh, nl, p)
+    "`CharSeqStatefulRnn` with an LSTM: `nl` layers (default 2), dropout `p` (default 0.5) between them and `p_out` (default 0) on the last one's output, state `(h, c)`."
+    def __init__(self, vocab_sz, nf, nh, nl=2, p=0.5, p_out=0.): super().__init__(vocab_sz, nf, nh, nl, p, p_out)
     def get_rnn(self, nf, nh, nl, p): return nn.LSTM(nf, nh, nl, dropout=p, batch_first=True)
     def init_hidden(self, bs): return (super().init_hidden(bs), super().init_hidden(bs))
 
