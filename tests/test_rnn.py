@@ -69,6 +69,22 @@ def test_lstm_is_two_unrolled_lstm_cells():
         test_near(m(xb), torch.log_softmax(m.l_out(torch.stack(outs, 1)), -1).view(-1, 12), 1e-10)
     test_near(m.h[0], torch.stack([s1[0], s2[0]]), 1e-10); test_near(m.h[1], torch.stack([s1[1], s2[1]]), 1e-10)
 
+def test_output_dropout():
+    "`p_out` drops the last layer's outputs while training, nothing while evaluating, and adds no weights (old files load)."
+    torch.manual_seed(0)
+    m, plain = CharSeqStatefulLSTM(12, 5, 8, p_out=0.5), CharSeqStatefulLSTM(12, 5, 8)
+    assert list(m.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(m.state_dict()); m.eval(); plain.eval()
+    xb = batches(1)[0]
+    test_near(m(xb), plain(xb), 0)
+    m.train(); m.rnn.dropout = 0.; m.reset()              # only the output dropout left
+    outp = m.rnn(m.e(xb))[0]; m.reset()
+    torch.manual_seed(1); y = m(xb)
+    torch.manual_seed(1); kept = m.drop(torch.ones_like(outp)) > 0
+    test_near(y, torch.log_softmax(m.l_out(outp * kept * 2), -1).view(-1, 12), 1e-6)
+    assert 0 < kept.float().mean() < 1
+    with pytest.raises(ValueError, match='1.5'): CharSeqStatefulLSTM(12, 5, 8, p_out=1.5)
+
 @pytest.mark.parametrize('cls', [CharSeqStatefulRnn, CharSeqStatefulRnn2, CharSeqStatefulGRU, CharSeqStatefulLSTM])
 def test_state_kept_detached_and_reset(cls):
     torch.manual_seed(0)
