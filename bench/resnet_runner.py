@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from course_lib.core import set_seed
 from course_lib.training import accuracy
 from course_lib.callbacks import Runner, Learner, AvgStatsCallback
-from course_lib.vision import cifar_data, cifar_stats, Normalize, cifar_cbs, flip_pad_crop, SGDW
+from course_lib.anneal import SGDW
+from course_lib.vision import cifar_data, cifar_stats, Normalize, cifar_cbs, flip_pad_crop
 from course_lib.resnet import Resnet2
 
 

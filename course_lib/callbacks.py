@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_callbacks.ipynb #9fbb6fde
 from __future__ import annotations
-import re, numbers
+import re
 from fastcore.basics import patch
 import torch
 from torch import nn, optim
@@ -19,7 +19,7 @@ __all__ = ['EVENTS', 'DataBunch', 'get_model', 'Learner', 'Callback', 'TrainEval
 class DataBunch:
     "The training and validation `DataLoader`s, and `c`, the number of classes."
     def __init__(self, train_dl, valid_dl, c=None):
-        if c is not None and (not isinstance(c, int) or c < 1): raise ValueError(f'c={c!r}, expected a positive number of classes')
+        if c is not None: check_int(c=c)
         self.train_dl,self.valid_dl,self.c = train_dl,valid_dl,c
     @property
     def train_ds(self): return self.train_dl.dataset
@@ -89,10 +89,10 @@ def _n_items(dl):
 
 def _check_fit(epochs, learn):
     "`epochs` as an int; refuse a non-integral or non-positive `epochs` and empty loaders before any callback runs."
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1: raise ValueError(f'epochs={epochs!r}, expected an integer >= 1')
+    epochs = check_int(epochs=epochs)
     for what,dl in (('training', learn.data.train_dl), ('validation', learn.data.valid_dl)):
         if len(dl) == 0: raise ValueError(f'the {what} loader has no batches ({_n_items(dl)}), expected at least one')
-    return int(epochs)
+    return epochs
 
 def _add_note(e, note):
     "Add `note` to exception `e` unless an inner event already named the callback that raised."
@@ -264,8 +264,8 @@ class AvgStats():
 
 # %% ../nbs/03_callbacks.ipynb #cfe88e36
 class AvgStatsCallback(Callback):
-    "Per-epoch averages of the loss and `metrics` on training and validation data; prints a line unless `silent`."
-    def __init__(self, metrics, silent=False):
+    "Per-epoch averages of the loss and `metrics` (none by default) on training and validation data; prints a line unless `silent`."
+    def __init__(self, metrics=None, silent=False):
         for m in listify(metrics):
             if not callable(m): raise TypeError(f'metric {m!r} is not callable (expected f(pred, yb) -> tensor)')
         self.train_stats,self.valid_stats,self.silent = AvgStats(metrics, True),AvgStats(metrics, False),silent

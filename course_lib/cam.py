@@ -14,15 +14,15 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 import matplotlib.pyplot as plt
 from .core import *
-from .files import atomic_write, locked
-from .data import data_dir, writable, offline, sha256sum, ChecksumError
+from .files import atomic_write, locked, sha256sum
+from .data import data_dir, writable, offline, ChecksumError
 from .datasets import load_dogscats
-from .training import accuracy
+from .training import accuracy, evaluating
 from .callbacks import *
-from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal
+from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal, SGDW
 from .cuda import BatchTransformXCallback
 from .hooks import Hook, children
-from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, SGDW, evaluating
+from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs
 
 # %% auto #0
 __all__ = ['RESNETS', 'IMAGENET_STATS', 'resnet_weights', 'weights_path', 'imagenet_state', 'cifar_resnet', 'pretrained_resnet',

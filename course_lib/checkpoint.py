@@ -4,13 +4,14 @@
 
 # %% ../nbs/05g_checkpoint.ipynb #10c78d66
 from __future__ import annotations
-import os, copy, errno, hashlib, random
+import os, copy, errno, hashlib
 from pathlib import Path
-import numpy as np, torch
+import torch
 import torch.distributed as dist
 from torch import nn
 from .core import *
 from .files import atomic_write
+from .training import loader_generators
 from .callbacks import *
 from .safety import shape_of
 
@@ -19,49 +20,26 @@ __all__ = ['CKPT_KEYS', 'CheckpointError', 'checkpoint_state', 'state_digest', '
            'load_checkpoint', 'load_weights', 'Checkpoint']
 
 # %% ../nbs/05g_checkpoint.ipynb #7a2a4787
-def _rngs():
-    py,npy = random.getstate(),np.random.get_state()
-    s = {'torch': torch.get_rng_state(), 'python': [py[0], torch.tensor(py[1]), py[2]],
-         'numpy': [torch.from_numpy(npy[1].astype(np.int64)), int(npy[2]), int(npy[3]), float(npy[4])]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rngs(s, check=False):
-    "Set the global generators from `s`; with `check`, only load `s` into fresh generators (raises if malformed)."
-    py = (int(s['python'][0]), tuple(s['python'][1].tolist()), s['python'][2])
-    npy = ('MT19937', s['numpy'][0].numpy().astype(np.uint32), *s['numpy'][1:])
-    if check:
-        torch.Generator().set_state(s['torch']); random.Random().setstate(py); np.random.RandomState().set_state(npy)
-        return
-    torch.set_rng_state(s['torch']); random.setstate(py); np.random.set_state(npy)
-    if 'cuda' in s and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
-
 def _all_rngs():
     "The generator states of every process, in rank order (one entry without a process group)."
-    s = _rngs()
+    s = rng_states()
     if not dist_on(): return [s]
     ss = [None] * dist.get_world_size()
     dist.all_gather_object(ss, s)
     return ss
-
-def _generators(dl):
-    "The distinct `torch.Generator`s a loader shuffles with (its own and its sampler's)."
-    gs = [getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)]
-    return list({id(g): g for g in gs if isinstance(g, torch.Generator)}.values())
 
 # %% ../nbs/05g_checkpoint.ipynb #5b9dbccd
 CKPT_KEYS = ('version', 'model', 'opt', 'opt_class', 'epoch', 'n_epochs', 'n_iter', 'rng', 'generators', 'cbs', 'digest')
 
 class CheckpointError(ValueError): "A checkpoint that cannot be read or written, or does not fit the model, optimizer and callbacks."
 
-def _unwrap(model): return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 def _opt_class(opt): return type(getattr(opt, 'opt', opt)).__name__  # the optimizer inside a wrapper such as lesson 5c's ScaledOpt
 
 def checkpoint_state(run):
     "Everything needed to continue `run` after the current epoch, as tensors, numbers and lists/dicts of them (every process of a group calls it)."
-    return {'version': 2, 'model': _unwrap(run.model).state_dict(), 'opt': run.opt.state_dict(), 'opt_class': _opt_class(run.opt),
+    return {'version': 2, 'model': unwrap(run.model).state_dict(), 'opt': run.opt.state_dict(), 'opt_class': _opt_class(run.opt),
             'epoch': run.epoch, 'n_epochs': float(run.n_epochs), 'n_iter': run.n_iter, 'rng': _all_rngs(),
-            'generators': [g.get_state() for g in _generators(run.data.train_dl)],
+            'generators': [g.get_state() for g in loader_generators(run.data.train_dl)],
             'cbs': {cb.name: cb.state_dict() for cb in run.cbs if callable(getattr(type(cb), 'state_dict', None))}}
 
 def state_digest(sd):
@@ -116,7 +94,7 @@ def read_checkpoint(fn):
 def _check_model(model, sd, fn):
     own = model.state_dict()
     if set(own) != set(sd): raise CheckpointError(f'{fn}: the model has keys {sorted(set(own) - set(sd))[:5]} missing from the checkpoint, which has unexpected {sorted(set(sd) - set(own))[:5]}')
-    if bad := [(k, shape_of(sd[k]), shape_of(v)) for k,v in own.items() if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape]:
+    if bad := [(k, shape_of(sd[k]), shape_of(v)) for k,v in own.items() if isinstance(v, torch.Tensor) and (not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape)]:
         raise CheckpointError(f'{fn}: shapes differ (key, checkpoint, model): {bad[:5]}')
 
 def _check_opt(opt, sd, cls, fn):
@@ -143,28 +121,36 @@ def _check_cbs(run, cbs, dev, fn):
 def load_checkpoint(run, fn):
     "Validate checkpoint `fn` against `run`'s model, optimizer, loaders and callbacks, then restore all of it and the position."
     sd = read_checkpoint(fn)
-    model,opt,gens,rngs = _unwrap(run.model),run.opt,_generators(run.data.train_dl),sd['rng']
+    model,opt,gens,rngs = unwrap(run.model),run.opt,loader_generators(run.data.train_dl),sd['rng']
     dev = next(model.parameters()).device
     try:
         _check_model(model, sd['model'], fn); _check_opt(opt, sd['opt'], sd['opt_class'], fn)
         if not isinstance(rngs, list) or not rngs: raise CheckpointError(f'{fn}: expected a list of generator states, one per process, found {type(rngs).__name__}')
-        for s in rngs: _set_rngs(s, check=True)
+        for s in rngs: set_rng_states(s, check=True)
         if len(sd['generators']) != len(gens): raise CheckpointError(f'{fn}: {len(sd["generators"])} loader generators saved, the training loader has {len(gens)}')
         for s in sd['generators']: torch.Generator().set_state(s)
         _check_cbs(run, sd['cbs'], dev, fn)
     except CheckpointError: raise
     except Exception as e: raise CheckpointError(f'{fn}: invalid checkpoint ({type(e).__name__}: {_first_line(e)})') from e
-    model.load_state_dict(sd['model']); opt.load_state_dict(sd['opt']); _set_rngs(rngs[rank() if rank() < len(rngs) else 0])
+    if sd['epoch'] + 1 > run.epochs:
+        raise CheckpointError(f'{fn}: saved after epoch {sd["epoch"] + 1}, but this fit lasts {run.epochs} epochs: resuming would train nothing '
+                              "and keep that run's weights; fit for more epochs, or start without resume")
+    model.load_state_dict(sd['model']); opt.load_state_dict(sd['opt']); set_rng_states(rngs[rank() if rank() < len(rngs) else 0])
     for g,s in zip(gens, sd['generators']): g.set_state(s)
     for cb in _loadable(run, sd['cbs']): cb.load_state_dict(sd['cbs'][cb.name], device=dev)
     run.start_epoch,run.n_epochs,run.n_iter = sd['epoch'] + 1,sd['n_epochs'],sd['n_iter']
     return sd
 
+def _saved_epoch(fn):
+    "The epoch checkpoint `fn` was saved after, read without loading its tensors."
+    try: return torch.load(fn, map_location='cpu', weights_only=True, mmap=True)['epoch']
+    except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})') from e
+
 def load_weights(model, fn):
     "Only the model weights of checkpoint `fn` (validated first: a bad file leaves `model` untouched)."
     sd = read_checkpoint(fn)
-    _check_model(_unwrap(model), sd['model'], fn)
-    _unwrap(model).load_state_dict(sd['model'])
+    _check_model(unwrap(model), sd['model'], fn)
+    unwrap(model).load_state_dict(sd['model'])
     return model
 
 # %% ../nbs/05g_checkpoint.ipynb #9279b58a
@@ -172,11 +158,14 @@ class Checkpoint(Callback):
     "Save `epoch_NNN.pth` every epoch (keeping `keep`), `best.pth` by `monitor`, `cycle_K.pth` at SGDR cycle ends; `resume` at begin_fit."
     _order = 50
     def __init__(self, path='checkpoints', keep=3, monitor='valid_loss', mode=None, every_epoch=True, resume=False):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1: raise ValueError(f'keep={keep!r}, expected a positive int')
+        check_int(keep=keep)
         if mode not in (None, 'min', 'max'): raise ValueError(f"mode={mode!r}, expected 'min', 'max' or None")
         self.path,self.keep,self.monitor,self.every_epoch,self.resume = Path(path),keep,monitor,every_epoch,resume
         self.mode = mode or ('min' if monitor and ('loss' in monitor or 'error' in monitor) else 'max')
     def epoch_files(self): return sorted(self.path.glob('epoch_*.pth'))
+    def resume_file(self):
+        "Of the epoch and cycle files in `path`, the one saved after the latest epoch; None if there is none."
+        return max(self.epoch_files()[-1:] + sorted(self.path.glob('cycle_*.pth')), key=_saved_epoch, default=None)
     def state_dict(self): return {'best': self.best}
     def load_state_dict(self, sd, device=None): self.best = sd['best']
     def begin_fit(self):
@@ -187,7 +176,7 @@ class Checkpoint(Callback):
             if self.monitor not in keys: raise KeyError(f'monitor={self.monitor!r} is not a statistic of AvgStatsCallback (expected one of {keys}; add AvgStatsCallback, or pass monitor=None)')
         if rank() == 0: self.path.mkdir(parents=True, exist_ok=True)
         if self.resume:
-            fn = self.resume if isinstance(self.resume, (str, Path)) else (self.epoch_files() or [None])[-1]
+            fn = self.resume if isinstance(self.resume, (str, Path)) else self.resume_file()
             if dist_on(): l = [fn]; dist.broadcast_object_list(l, 0); fn = l[0]  # the file rank 0 picked
             if fn is not None: load_checkpoint(self.run, fn)
     def _save(self, name): save_checkpoint(self.run, self.path/name)

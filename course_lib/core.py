@@ -4,13 +4,13 @@
 
 # %% ../nbs/00_core.ipynb #0a5c241f
 from __future__ import annotations
-import os, re, random, math
+import os, re, random, math, numbers
 import numpy as np, torch
 from fastcore.test import *
 
 # %% auto #0
-__all__ = ['SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'stats',
-           'default_device', 'set_seed', 'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank',
+__all__ = ['SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'check_int', 'stats',
+           'default_device', 'set_seed', 'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank', 'unwrap',
            'course_size', 'size_pick', 'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
@@ -66,6 +66,15 @@ def func_name(f):
     "The name of function `f`, of the function a `partial` wraps, or of `f`'s type."
     return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', None) or type(f).__name__
 
+# %% ../nbs/00_core.ipynb #3747e1c8
+def check_int(lo=1, hi=None, /, **kw):
+    "Each `name=value` of `kw` as an int, or a `ValueError` naming it unless it is an integer (not a bool) from `lo` (to `hi`)."
+    for k,v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f'{k}={v!r}, expected an integer ' + (f'>= {lo}' if hi is None else f'from {lo} to {hi}'))
+    vs = tuple(int(v) for v in kw.values())
+    return vs[0] if len(vs) == 1 else vs
+
 # %% ../nbs/00_core.ipynb #a3ad6c1e
 def stats(x):
     "Mean and std of tensor `x`, as floats."
@@ -88,15 +97,22 @@ def set_seed(seed=42, deterministic=False):
 
 # %% ../nbs/00_core.ipynb #1ebfa523
 def rng_states():
-    "The states of the random number generators of Python, NumPy and PyTorch (CPU, and each GPU when there is one)."
-    s = {'random': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
+    "The states of the generators of Python, NumPy and PyTorch (CPU, and each GPU once CUDA is in use), as tensors and numbers."
+    py,npy = random.getstate(),np.random.get_state()
+    s = {'torch': torch.get_rng_state(), 'python': [py[0], torch.tensor(py[1]), py[2]],
+         'numpy': [torch.from_numpy(npy[1].astype(np.int64)), int(npy[2]), int(npy[3]), float(npy[4])]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
-def set_rng_states(s):
-    "Put back the generator states `s` returned by `rng_states()`."
-    random.setstate(s['random']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    if 'cuda' in s: torch.cuda.set_rng_state_all(s['cuda'])
+def set_rng_states(s, check=False):
+    "Put back the states `s` of `rng_states()`; with `check`, only load them into fresh generators (raises if malformed)."
+    py = (int(s['python'][0]), tuple(s['python'][1].tolist()), s['python'][2])
+    npy = ('MT19937', s['numpy'][0].numpy().astype(np.uint32), *s['numpy'][1:])
+    if check:
+        torch.Generator().set_state(s['torch']); random.Random().setstate(py); np.random.RandomState().set_state(npy)
+        return
+    torch.set_rng_state(s['torch']); random.setstate(py); np.random.set_state(npy)
+    if 'cuda' in s and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
 
 # %% ../nbs/00_core.ipynb #1c7bd290
 def interactive():
@@ -113,6 +129,11 @@ def rank():
     "This process's rank: 0 without a process group."
     return torch.distributed.get_rank() if dist_on() else 0
 
+# %% ../nbs/00_core.ipynb #001a7463
+def unwrap(model):
+    "The model inside a `DistributedDataParallel` wrapper, or `model` itself."
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
 # %% ../nbs/00_core.ipynb #86985ea1
 SIZES = ('quick', 'medium', 'full')
 
@@ -123,13 +144,12 @@ def course_size():
     if s not in SIZES: raise ValueError(f'COURSE_SIZE={s!r}, expected one of {SIZES}')
     return s
 
-def size_pick(quick, full, medium=None):
-    "The value for the lesson size: `quick`, `medium` (default: `full`) or `full`."
-    s = course_size()
-    return quick if s == 'quick' else full if s == 'full' or medium is None else medium
+def size_pick(*, quick, medium, full):
+    "The value for the lesson size (see `course_size`): `quick`, `medium` or `full`."
+    return dict(quick=quick, medium=medium, full=full)[course_size()]
 
 # %% ../nbs/00_core.ipynb #276c4725
-def headline(name, value):
-    "Print a lesson's headline figure as `headline: name = value` for the lesson runner's summary."
-    v = f'{value:.4g}' if isinstance(value, float) else str(value)
-    print(f'headline: {name} = {v}')
+def headline(name, value, lesson=None):
+    "Print a lesson's headline figure as `headline: name = value` (with `(2018: lesson)` when the 2018 lesson gave one) for the lesson runner."
+    fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+    print(f'headline: {name} = {fmt(value)}' + ('' if lesson is None else f' (2018: {fmt(lesson)})'))

@@ -8,18 +8,11 @@ import torch
 from torch import nn, optim
 import torch.nn.functional as F
 from .core import *
-from .datasets import normalize
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['CudaCallback', 'normalize_to', 'DeviceCallback', 'BatchTransformXCallback', 'view_tfm', 'Lambda', 'flatten',
+__all__ = ['CudaCallback', 'DeviceCallback', 'BatchTransformXCallback', 'prepare_batch', 'view_tfm', 'Lambda', 'flatten',
            'get_runner']
-
-# %% ../nbs/05_cuda.ipynb #9e6aff12
-def normalize_to(train, valid):
-    "`train` and `valid` normalised with the mean and std of `train`."
-    m,s = train.mean(),train.std()
-    return normalize(train, m, s),normalize(valid, m, s)
 
 # %% ../nbs/05_cuda.ipynb #f082ddf1
 class DeviceCallback(Callback):
@@ -44,6 +37,12 @@ class BatchTransformXCallback(Callback):
         self.tfm = tfm
     def transform_batch(self, xb, yb): return self.tfm(xb),yb
     def begin_batch(self): self.run.xb = self.tfm(self.xb)
+
+def prepare_batch(cbs, xb, yb, skip=()):
+    "`(xb, yb)` as a fit's callbacks `cbs` prepare a batch: the `transform_batch` of each that has one, in `_order`, but instances of the classes `skip`."
+    for cb in sorted(listify(cbs), key=lambda cb: cb._order):
+        if hasattr(cb, 'transform_batch') and not isinstance(cb, skip): xb,yb = cb.transform_batch(xb, yb)
+    return xb,yb
 
 def view_tfm(*size):
     "A batch transform reshaping each item to `size`: `view_tfm(1,28,28)` turns `bs×784` into `bs×1×28×28`."

@@ -13,7 +13,7 @@ from .files import *
 
 # %% auto #0
 __all__ = ['DATASETS', 'MARK', 'DataFile', 'DataSource', 'data_dir', 'writable', 'mirror_dirs', 'offline', 'ChecksumError',
-           'DataNotFoundError', 'sha256sum', 'places', 'find_data', 'download_data', 'extraction_mark', 'untar_data']
+           'DataNotFoundError', 'places', 'find_data', 'download_data', 'extraction_mark', 'untar_data']
 
 # %% ../nbs/00b_data.ipynb #c5f0bac2
 @dataclass(frozen=True)
@@ -89,13 +89,6 @@ def offline():
 # %% ../nbs/00b_data.ipynb #207c3165
 class ChecksumError(ValueError): pass
 class DataNotFoundError(FileNotFoundError): pass
-
-def sha256sum(path, bs=1<<20):
-    "The sha256 hex digest of the file at `path`."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(bs): h.update(b)
-    return h.hexdigest()
 
 def _trusted(path): return path.with_name(path.name + '.sha256')
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00c_datasets.ipynb #046ca850
 from __future__ import annotations
-import os, gzip, pickle, warnings, zipfile, zlib
+import os, gzip, hashlib, pickle, warnings, zipfile, zlib
 from pathlib import Path
 import numpy as np, torch, matplotlib.pyplot as plt
 from .core import *
@@ -12,8 +12,9 @@ from .files import *
 from .data import *
 
 # %% auto #0
-__all__ = ['FASHION_CLASSES', 'MNIST_CLASSES', 'CIFAR_CLASSES', 'CIFAR_KEYS', 'IDXError', 'read_idx', 'load_idx_dataset',
-           'load_fashion_mnist', 'load_mnist', 'get_data', 'normalize', 'load_nietzsche', 'load_cifar10',
+__all__ = ['FASHION_CLASSES', 'MNIST_CLASSES', 'CIFAR_CLASSES', 'CIFAR_KEYS', 'IMAGE_EXTS', 'IDXError', 'read_idx',
+           'load_idx_dataset', 'load_fashion_mnist', 'load_mnist', 'get_data', 'normalize', 'normalize_to',
+           'load_nietzsche', 'image_files', 'class_files', 'open_image', 'folder_key', 'load_cifar10', 'image_folders',
            'load_dogscats', 'show_images']
 
 # %% ../nbs/00c_datasets.ipynb #ba44ea51
@@ -64,6 +65,11 @@ def normalize(x, m, s):
     "`(x - m) / s`: normalise with statistics `m`, `s` (those of the training set)."
     return (x - m) / s
 
+def normalize_to(train, valid):
+    "`train` and `valid` normalised with the mean and std of `train`."
+    m,s = train.mean(),train.std()
+    return normalize(train, m, s),normalize(valid, m, s)
+
 # %% ../nbs/00c_datasets.ipynb #3878b6d0
 def load_nietzsche():
     "The Nietzsche corpus as one string."
@@ -73,17 +79,59 @@ def load_nietzsche():
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 CIFAR_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
-def _decode_folder(path):
-    "Decode the per-class JPEG layout (`train/<cls>/*.jpg`, `test/<cls>/*.jpg`) into uint8 N×3×32×32 arrays."
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+def image_files(folder):
+    "The image files of `folder` (by extension, see `IMAGE_EXTS`), sorted; anything else (`.DS_Store`, `Thumbs.db`) is left out."
+    return sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+
+def class_files(split, classes=None):
+    "Class name -> image files of the image-folder split `split` (`<class>/<image>`), for `classes` in that order (default: every folder, sorted)."
+    split = Path(split)
+    if not split.is_dir(): raise FileNotFoundError(f'{split}: no such folder, expected one folder of images per class')
+    found = sorted(d.name for d in split.iterdir() if d.is_dir())
+    classes = found if classes is None else list(classes)
+    if missing := [c for c in classes if c not in found]: raise ValueError(f'{split}: no folder for classes {missing}; expected one per class of {classes}')
+    if extra := [c for c in found if c not in classes]: raise ValueError(f'{split}: folders {extra} are not classes of {classes}')
+    res = {c: image_files(split/c) for c in classes}
+    if empty := [c for c, fs in res.items() if not fs]: raise ValueError(f'{split}: no images in the folders of classes {empty}')
+    return res
+
+def open_image(fn):
+    "Image file `fn` as an RGB PIL image, read in full; an error naming the file if it cannot be read."
     from PIL import Image
-    classes = (path/'labels.txt').read_text().split() if (path/'labels.txt').exists() else list(CIFAR_CLASSES)
-    res = {}
+    try:
+        with Image.open(fn) as im: return im.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e: raise ValueError(f'{fn}: cannot read the image ({type(e).__name__}: {e})') from e
+
+def _cifar_classes(path): return (path/'labels.txt').read_text().split() if (path/'labels.txt').exists() else list(CIFAR_CLASSES)
+
+def _decode_folder(path):
+    "Decode the per-class image layout (`train/<cls>/*`, `test/<cls>/*`) into uint8 N×3×H×W arrays (one size for all)."
+    classes, res = _cifar_classes(path), {}
     for split in ('train', 'test'):
-        files = [(f, i) for i, c in enumerate(classes) for f in sorted((path/split/c).glob('*.*'))]
-        if not files: raise FileNotFoundError(f'{path/split}: no images in per-class folders {classes}')
-        res[f'x_{split}'] = np.stack([np.asarray(Image.open(f).convert('RGB')) for f, _ in files]).transpose(0, 3, 1, 2)
+        files = [(f, i) for i, fs in enumerate(class_files(path/split, classes).values()) for f in fs]
+        ims = [np.asarray(open_image(f)) for f, _ in files]
+        if bad := [i for i, im in enumerate(ims) if im.shape != ims[0].shape]:
+            (h, w, _), (h0, w0, _) = ims[bad[0]].shape, ims[0].shape
+            raise ValueError(f'{files[bad[0]][0]}: a {w}×{h} image, expected {w0}×{h0} like {files[0][0]}')
+        res[f'x_{split}'] = np.stack(ims).transpose(0, 3, 1, 2)
         res[f'y_{split}'] = np.array([i for _, i in files], dtype=np.int64)
     return res
+
+def folder_key(path, files):
+    "What `files` (under `path`) hold, as far as a cache need know: sha256 of each one's relative name, size and modification time."
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat(); h.update(f'{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()
+
+def _folder_files(path):
+    "Every file the decoded arrays come from: the class folders' images and `labels.txt`, or the pickle batches."
+    if (path/'train').is_dir():
+        return [f for s in ('train', 'test') for d in sorted((path/s).iterdir()) if d.is_dir() for f in image_files(d)] + [
+            f for f in [path/'labels.txt'] if f.exists()]
+    return [path/f'data_batch_{i}' for i in range(1, 6)] + [path/'test_batch']
 
 def _decode_pickles(path):
     "Read the python-pickle batches (`data_batch_1..5`, `test_batch`) into uint8 N×3×32×32 arrays."
@@ -95,27 +143,13 @@ def _decode_pickles(path):
     return dict(x_train=np.concatenate([x for x, _ in tr]), y_train=np.concatenate([y for _, y in tr]), x_test=xte, y_test=yte)
 
 # %% ../nbs/00c_datasets.ipynb #968ec368
-def _read_cache(cache, mark, quiet=False):
-    "The arrays in `cache` if it is readable and was made from the extraction with completion `mark`; else None, with a one-line notice unless `quiet`."
-    if not cache.is_file(): return None
-    try:
-        with open(cache, 'rb') as fh, np.load(fh) as d:
-            if 'mark' in d.files and str(d['mark']) == mark: return {k: d[k] for k in CIFAR_KEYS}
-            why = 'made from another extraction of its folder, or by an older course_lib'
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e: why = f'unreadable ({type(e).__name__}: {" ".join(str(e).split())})'
-    if not quiet: warnings.warn(f'{cache}: {why}; decoding it again')
-    return None
+def _load_npz(p):
+    with open(p, 'rb') as fh, np.load(fh) as d: return {k: d[k] for k in CIFAR_KEYS}
 
 def _cached(folder, decode):
-    "`decode(folder)`, from the cache `course_lib_uint8.npz` in `folder` when it fits; else decoded and cached, one process at a time."
-    cache, mark = folder/'course_lib_uint8.npz', extraction_mark(folder) or ''
-    if (arrs := _read_cache(cache, mark)) is not None: return arrs
-    with locked(cache):
-        if (arrs := _read_cache(cache, mark, quiet=True)) is not None: return arrs  # made by another process while we waited
-        remove_temps(cache, '.npz')
-        arrs = decode(folder)
-        with atomic_write(cache, '.npz') as f: np.savez(f, mark=np.array(mark), **arrs)
-    return arrs
+    "`decode(folder)`, from the cache `course_lib_uint8.npz` in `folder` when it was made from what the folder holds now."
+    key = {'what': 'uint8 arrays', 'files': folder_key(folder, _folder_files(folder))}
+    return cached(folder/'course_lib_uint8.npz', key, lambda: decode(folder), lambda a, f: np.savez(f, **a), _load_npz)
 
 # %% ../nbs/00c_datasets.ipynb #9f58d499
 def _no_cifar(why):
@@ -138,11 +172,18 @@ def load_cifar10():
     return tuple(torch.from_numpy(arrs[k]) for k in CIFAR_KEYS)
 
 # %% ../nbs/00c_datasets.ipynb #02fd0052
+def image_folders(path, tfms=None, valid_tfms=None, train='train', valid='valid'):
+    "Train and valid `ImageFolder` datasets of `path/train` and `path/valid`, which must have the same class folders, each with images."
+    from torchvision.datasets import ImageFolder
+    path = Path(path)
+    classes = list(class_files(path/train))
+    class_files(path/valid, classes)
+    return [ImageFolder(path/d, t, loader=open_image, is_valid_file=lambda f: Path(f).suffix.lower() in IMAGE_EXTS)
+            for d, t in ((train, tfms), (valid, valid_tfms or tfms))]
+
 def load_dogscats(tfms=None, valid_tfms=None):
     "Train and valid `ImageFolder` datasets of dogs vs cats (classes `cats`, `dogs`)."
-    from torchvision.datasets import ImageFolder
-    path = untar_data('dogscats')
-    return ImageFolder(path/'train', tfms), ImageFolder(path/'valid', valid_tfms or tfms)
+    return image_folders(untar_data('dogscats'), tfms, valid_tfms)
 
 # %% ../nbs/00c_datasets.ipynb #a9eee821
 def show_images(ims, titles=None, nrows=2, figsize=None):

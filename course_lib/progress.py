@@ -18,8 +18,7 @@ class ProgressCallback(Callback):
     "fastprogress bars over epochs and batches (running loss read every `every` batches) and a per-epoch table; silent unless interactive or `show`."
     _order,pb,mbar = 20,None,None
     def __init__(self, show=None, every=10, beta=0.9):
-        if not isinstance(every, int) or every < 1: raise ValueError(f'every={every!r}, expected a positive int')
-        self.show,self.every,self.beta = show,every,beta
+        self.show,self.every,self.beta = show,check_int(every=every),beta
     def begin_fit(self):
         self.rows = []
         if not (interactive() if self.show is None else self.show): return

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import *
+from .training import evaluating
 from .callbacks import *
 
 # %% auto #0
 __all__ = ['seq_nll', 'n_params', 'Char3Model', 'CharLoopModel', 'CharRnn', 'CharSeqRnn', 'repackage', 'CharSeqStatefulRnn',
            'ResetState', 'CharSeqStatefulRnn2', 'rnn_cell', 'gru_cell', 'lstm_cell', 'RnnCell', 'GruCell', 'LstmCell',
-           'CharSeqStatefulGRU', 'CharSeqStatefulLSTM', 'GradientClipping', 'get_next_n', 'get_next']
+           'CharSeqStatefulGRU', 'CharSeqStatefulLSTM', 'get_next_n', 'get_next']
 
 # %% ../nbs/06a_rnn.ipynb #b6a10009
 def seq_nll(pred, yb):
@@ -98,7 +99,7 @@ class CharSeqStatefulRnn(nn.Module):
 
 class ResetState(Callback):
     "Start each training pass and each validation pass from a zero hidden state (`model.reset()`)."
-    def _reset(self): getattr(self.model, 'module', self.model).reset()  # `module`: under DistributedDataParallel
+    def _reset(self): unwrap(self.model).reset()  # the model inside DistributedDataParallel
     def begin_epoch(self): self._reset()
     def begin_validate(self): self._reset()
 
@@ -171,18 +172,6 @@ class CharSeqStatefulLSTM(CharSeqStatefulRnn):
     def get_rnn(self, nf, nh, nl, p): return nn.LSTM(nf, nh, nl, dropout=p, batch_first=True)
     def init_hidden(self, bs): return (super().init_hidden(bs), super().init_hidden(bs))
 
-# %% ../nbs/06a_rnn.ipynb #b6a10043
-class GradientClipping(Callback):
-    "Rescale the gradients so their global norm is at most `max_norm`, after the backward pass and before the step."
-    _order = 20  # after MixedPrecision (10) and GradientAccumulation (15)
-    def __init__(self, max_norm=1.):
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0: raise ValueError(f'max_norm={max_norm!r}, expected a number > 0')
-        self.max_norm = max_norm
-    def after_backward(self):
-        run = self.run
-        if (sc := getattr(run.opt, 'scaler', None)) is not None: sc.unscale_(run.opt.opt)  # float16: clip the true gradients
-        nn.utils.clip_grad_norm_(run.model.parameters(), self.max_norm)
-
 # %% ../nbs/06a_rnn.ipynb #b6a10052
 def _check_sampling(model, vocab, text, n, temperature):
     if not callable(getattr(model, 'reset', None)): raise TypeError(f'{type(model).__name__} has no reset(): sampling feeds a stateful model one character at a time')
@@ -195,16 +184,16 @@ def _check_sampling(model, vocab, text, n, temperature):
 def get_next_n(model, vocab, text, n, temperature=1., generator=None):
     "`text` and `n` more characters drawn one at a time from stateful `model`'s predictions (log-probabilities divided by `temperature`)."
     _check_sampling(model, vocab, text, n, temperature)
-    training,dev = model.training,next(model.parameters()).device
-    model.eval(); model.reset()
+    model.reset()
     try:
-        xb,res = vocab.numericalize(text)[None].to(dev),[]
-        for _ in range(n):
-            logits = model(xb)[-1] / temperature
-            logits[0] = -math.inf  # index 0 is padding/unknown, not a character
-            xb = torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]
-            res.append(xb)
-    finally: model.reset(); model.train(training)
+        with evaluating(model):
+            xb,res = vocab.numericalize(text)[None].to(next(model.parameters()).device),[]
+            for _ in range(n):
+                logits = model(xb)[-1] / temperature
+                logits[0] = -math.inf  # index 0 is padding/unknown, not a character
+                xb = torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]
+                res.append(xb)
+    finally: model.reset()
     return text + (vocab.textify(torch.cat(res).flatten().cpu()) if res else '')
 
 def get_next(model, vocab, text, temperature=1., generator=None):

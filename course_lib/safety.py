@@ -22,8 +22,7 @@ class TerminateOnNanCallback(Callback):
     "Raise `NonFiniteLossError` naming epoch and batch of the first nan/inf training loss; checks every `every` batches (default: 1 on CPU, 50 on GPU)."
     _order = 5
     def __init__(self, every=None):
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1): raise ValueError(f'every={every!r}, expected None or a positive int')
-        self.every = every
+        self.every = None if every is None else check_int(every=every)
     def begin_epoch(self): self.first = None
     def after_loss(self):
         run = self.run

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from .core import *
+from .training import evaluating
 from .callbacks import *
 from .cuda import *
 from .hooks import Hooks
@@ -33,14 +34,8 @@ def model_summary(run, learn, data=None, find_all=False, mods=None):
     model, dl = learn.model, learn.data.valid_dl if data is None else getattr(data, 'valid_dl', data)
     names = {m: n for n, m in model.named_modules()}
     if mods is None: mods = [m for m in model.modules() if not list(m.children())] if find_all else list(model.children()) or [model]
-    xb, yb = next(iter(dl))
-    for cb in sorted(run.cbs, key=lambda cb: cb._order):
-        if hasattr(cb, 'transform_batch'): xb, yb = cb.transform_batch(xb, yb)
-    rows, training = [], model.training
+    xb, yb = prepare_batch(run.cbs, *next(iter(dl)))
+    rows = []
     def f(hook, mod, inp, outp): rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), _nparams(mod), _nparams(mod, True)))
-    try:
-        with Hooks(mods, f), torch.no_grad():
-            model.eval()
-            model(xb.to(next(model.parameters()).device))
-    finally: model.train(training)
+    with Hooks(mods, f), evaluating(model), torch.no_grad(): model(xb.to(next(model.parameters()).device))
     return Summary(rows, _nparams(model), _nparams(model, True))

@@ -4,14 +4,18 @@
 
 # %% ../nbs/02_minibatch.ipynb #229be2e6
 from __future__ import annotations
-import numbers, torch
+import torch
+from contextlib import contextmanager
 from torch import nn, tensor
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, BatchSampler
+import matplotlib.pyplot as plt
+from .core import check_int
 
 # %% auto #0
 __all__ = ['nll', 'logsumexp', 'log_softmax', 'cross_entropy', 'accuracy', 'Dataset', 'Sampler', 'collate', 'BasicDataLoader',
-           'fit', 'get_dls']
+           'batch_dl', 'loader_generators', 'fit', 'kept_modes', 'evaluating', 'get_dls', 'confusion_matrix',
+           'plot_confusion']
 
 # %% ../nbs/02_minibatch.ipynb #3d5c63b8
 def nll(inp, targ):
@@ -54,15 +58,9 @@ class Dataset:
     def __getitem__(self, i): return self.x[i],self.y[i]
 
 # %% ../nbs/02_minibatch.ipynb #c235726a
-def _check_bs(bs):
-    if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
-        raise ValueError(f'bs={bs!r}, expected a positive integer')
-
 class Sampler:
     "Batches of indices into `ds`, of size `bs` (the last may be smaller), in a new random order each epoch if `shuffle`."
-    def __init__(self, ds, bs, shuffle=False):
-        _check_bs(bs)
-        self.ds,self.bs,self.shuffle = ds,int(bs),shuffle
+    def __init__(self, ds, bs, shuffle=False): self.ds,self.bs,self.shuffle = ds,check_int(bs=bs),shuffle
     def __len__(self): return (len(self.ds) + self.bs - 1) // self.bs
     def __iter__(self):
         n = len(self.ds)
@@ -90,11 +88,26 @@ class BasicDataLoader:
     def __iter__(self):
         for idxs in self.sampler: yield self.collate_fn([self.ds[i] for i in idxs])
 
+# %% ../nbs/02_minibatch.ipynb #77825af9
+def batch_dl(ds, bs, shuffle=False, generator=None, **kwargs):
+    "A `DataLoader` that asks `ds` for a whole batch at once (`ds[idxs]`), shuffled (with `generator`) if `shuffle`; `kwargs` go to `DataLoader`."
+    sampler = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, check_int(bs=bs), drop_last=False), **kwargs)
+
+# %% ../nbs/02_minibatch.ipynb #b8415a18
+def loader_generators(*dls):
+    "The distinct `torch.Generator`s the loaders `dls` shuffle with: their own, their samplers' and those of the samplers inside batch samplers."
+    gs, todo = [], list(dls)
+    while todo:
+        o = todo.pop(0)
+        if isinstance(g := getattr(o, 'generator', None), torch.Generator) and all(g is not h for h in gs): gs.append(g)
+        todo += [s for s in (getattr(o, 'sampler', None), getattr(o, 'batch_sampler', None)) if s is not None and s is not o]
+    return gs
+
 # %% ../nbs/02_minibatch.ipynb #b6ac91fd
 def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
     "Train `model` for `epochs` epochs; return the last epoch's validation loss and accuracy (means over items)."
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
-        raise ValueError(f'epochs={epochs!r}, expected a positive integer')
+    check_int(epochs=epochs)
     for epoch in range(epochs):
         model.train()
         nb = 0
@@ -116,9 +129,45 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
         print(f'epoch {epoch}: valid loss {vloss:.4f}, accuracy {vacc:.4f}')
     return vloss,vacc
 
+# %% ../nbs/02_minibatch.ipynb #36f6839e
+@contextmanager
+def kept_modes(model):
+    "Inside the block anything goes; on leaving it every module of `model` is back in the train/eval mode it had."
+    modes = [(m, m.training) for m in model.modules()]
+    try: yield model
+    finally:
+        for m,t in modes: m.training = t
+
+@contextmanager
+def evaluating(model):
+    "`model` in eval mode inside the block; every module back in its own mode after it."
+    with kept_modes(model): yield model.eval()
+
 # %% ../nbs/02_minibatch.ipynb #9ebb36b9
 def get_dls(train_ds, valid_ds, bs, **kwargs):
     "Training `DataLoader` (shuffled, batch size `bs`) and validation `DataLoader` (in order, batch size `2*bs`)."
-    _check_bs(bs)
+    check_int(bs=bs)
     return (DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
             DataLoader(valid_ds, batch_size=bs*2, **kwargs))
+
+# %% ../nbs/02_minibatch.ipynb #b7118712
+def confusion_matrix(pred, targ, c):
+    "c×c counts of (true class, predicted class) pairs: row = `targ`, column = `pred` (class indices, e.g. `probs.argmax(1)`)."
+    pred, targ = torch.as_tensor(pred), torch.as_tensor(targ).flatten()
+    if pred.is_floating_point() or pred.dim() > 1:
+        raise ValueError(f'pred is a {pred.dtype} tensor of shape {tuple(pred.shape)}, expected class indices: pass pred.argmax(1)')
+    if pred.shape != targ.shape: raise ValueError(f'{len(pred)} predictions for {len(targ)} targets, expected as many')
+    if len(pred) and (min(pred.min(), targ.min()) < 0 or max(pred.max(), targ.max()) >= c): raise ValueError(f'class indices outside 0..{c-1}')
+    return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)
+
+def plot_confusion(cm, classes, ax=None, title=None):
+    "Show confusion matrix `cm` with its counts; rows are true classes, columns predictions."
+    ax = ax or plt.subplots(figsize=(6, 6))[1]
+    ax.imshow(cm, cmap='Blues')
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90); ax.set_yticks(ticks, classes)
+    ax.set_xlabel('predicted'); ax.set_ylabel('true')
+    for i in ticks:
+        for j in ticks: ax.text(j, i, int(cm[i, j]), ha='center', va='center', fontsize=7, color='white' if cm[i, j] > cm.max() / 2 else 'black')
+    if title: ax.set_title(title)
+    return ax

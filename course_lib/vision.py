@@ -9,17 +9,15 @@ from functools import partial, cache
 import torch
 from torch import optim
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, BatchSampler, RandomSampler, SequentialSampler
 import matplotlib.pyplot as plt
 from .core import *
 from .datasets import load_cifar10, CIFAR_CLASSES, show_images
-from .training import Dataset
+from .training import Dataset, batch_dl, evaluating
 from .callbacks import *
-from .cuda import DeviceCallback, BatchTransformXCallback
+from .cuda import DeviceCallback, BatchTransformXCallback, prepare_batch
 
 # %% auto #0
-__all__ = ['cifar_stats', 'Normalize', 'batch_dl', 'cifar_data', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs', 'SGDW',
-           'evaluating', 'get_preds', 'tta', 'confusion_matrix', 'plot_confusion']
+__all__ = ['cifar_stats', 'Normalize', 'cifar_data', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs', 'get_preds', 'tta']
 
 # %% ../nbs/07_cifar.ipynb #fb1579ce
 def cifar_stats(x, bs=10_000):
@@ -54,17 +52,10 @@ class Normalize:
         return (xb.float() * s + m).clamp(0, 1)
     def __repr__(self): return f'Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})'
 
-# %% ../nbs/07_cifar.ipynb #1263b78d
-def batch_dl(ds, bs, shuffle=False, generator=None, **kwargs):
-    "A `DataLoader` that asks `ds` for a whole batch at once (`ds[idxs]`), shuffled (with `generator`) if `shuffle`; `kwargs` go to `DataLoader`."
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise ValueError(f'bs={bs!r}, expected a positive integer')
-    sampler = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False), **kwargs)
-
 # %% ../nbs/07_cifar.ipynb #85377c73
 def _subset(x, y, n, g, what):
     if n is None: return x, y
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(x): raise ValueError(f'{what}={n!r}, expected an integer from 1 to {len(x)}')
+    check_int(1, len(x), **{what: n})
     idx = torch.randperm(len(x), generator=g)[:n]
     return x[idx], y[idx]
 
@@ -104,65 +95,19 @@ def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
     g = None if seed is None else torch.Generator(dcb.device).manual_seed(seed)
     return [dcb] + ([AugmentCallback(partial(flip_pad_crop, generator=g))] if aug else []) + [BatchTransformXCallback(norm)]
 
-# %% ../nbs/07_cifar.ipynb #f2294d36
-class SGDW(optim.SGD):
-    "SGD (momentum 0.9 by default) whose step first shrinks each weight by `lr*wd`, apart from the gradient; `wd` is a param-group hyper-parameter."
-    def __init__(self, params, lr, momentum=0.9, wd=0., **kwargs):
-        if 'weight_decay' in kwargs: raise TypeError("weight_decay is SGD's L2 penalty added to the gradient; SGDW takes wd (decoupled)")
-        if not wd >= 0: raise ValueError(f'wd={wd!r}, expected a weight decay >= 0')
-        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
-        self.defaults['wd'] = wd
-        for pg in self.param_groups: pg.setdefault('wd', wd)
-    @torch.no_grad()
-    def step(self, closure=None):
-        for pg in self.param_groups:
-            if pg['wd'] == 0: continue
-            for p in pg['params']:
-                if p.grad is not None: p.mul_(1 - pg['lr'] * pg['wd'])
-        return super().step(closure)
-
 # %% ../nbs/07_cifar.ipynb #b56eedb3
-class evaluating:
-    "Context manager: `model` in eval mode inside, every module back in the mode it was in on exit."
-    def __init__(self, model): self.model = model
-    def __enter__(self): self.modes = [m.training for m in self.model.modules()]; self.model.eval()
-    def __exit__(self, *exc):
-        for m, t in zip(self.model.modules(), self.modes): m.training = t
-
 def get_preds(model, dl, cbs=(), aug=False):
-    "Probabilities (softmax of the outputs) of `model` in eval mode on each batch of `dl`, prepared by the `transform_batch` of `cbs` in `_order` (skipping `AugmentCallback`s unless `aug`), and the targets."
-    tfms = [cb.transform_batch for cb in sorted(listify(cbs), key=lambda cb: cb._order)
-            if hasattr(cb, 'transform_batch') and (aug or not isinstance(cb, AugmentCallback))]
+    "Probabilities (softmax of the outputs) of `model` in eval mode on each batch of `dl`, prepared by `cbs` (see `prepare_batch`; `AugmentCallback`s only if `aug`), and the targets."
     ps, ys = [], []
     with evaluating(model), torch.no_grad():
         for xb, yb in dl:
-            for f in tfms: xb, yb = f(xb, yb)
+            xb, yb = prepare_batch(cbs, xb, yb, skip=() if aug else AugmentCallback)
             ps.append(model(xb).float().softmax(-1)); ys.append(yb)
     return torch.cat(ps), torch.cat(ys)
 
 def tta(model, dl, cbs, n_aug=4):
     "Test-time augmentation: (probabilities on the plain images, their average with `n_aug` augmented passes, targets); `cbs` must include an `AugmentCallback`."
     if not any(isinstance(cb, AugmentCallback) for cb in listify(cbs)): raise ValueError('cbs has no AugmentCallback, expected the callbacks of a fit with augmentation')
-    if isinstance(n_aug, bool) or not isinstance(n_aug, int) or n_aug < 1: raise ValueError(f'n_aug={n_aug!r}, expected an integer >= 1')
+    check_int(n_aug=n_aug)
     p, y = get_preds(model, dl, cbs)
     return p, (p + sum(get_preds(model, dl, cbs, aug=True)[0] for _ in range(n_aug))) / (n_aug + 1), y
-
-# %% ../nbs/07_cifar.ipynb #cb6cd413
-def confusion_matrix(pred, targ, c):
-    "c×c counts of (true class, predicted class) pairs: row = `targ`, column = `pred`."
-    pred, targ = torch.as_tensor(pred).flatten(), torch.as_tensor(targ).flatten()
-    if pred.shape != targ.shape: raise ValueError(f'{len(pred)} predictions for {len(targ)} targets, expected as many')
-    if len(pred) and (min(pred.min(), targ.min()) < 0 or max(pred.max(), targ.max()) >= c): raise ValueError(f'class indices outside 0..{c-1}')
-    return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)
-
-def plot_confusion(cm, classes, ax=None, title=None):
-    "Show confusion matrix `cm` with its counts; rows are true classes, columns predictions."
-    ax = ax or plt.subplots(figsize=(6, 6))[1]
-    ax.imshow(cm, cmap='Blues')
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90); ax.set_yticks(ticks, classes)
-    ax.set_xlabel('predicted'); ax.set_ylabel('true')
-    for i in ticks:
-        for j in ticks: ax.text(j, i, int(cm[i, j]), ha='center', va='center', fontsize=7, color='white' if cm[i, j] > cm.max() / 2 else 'black')
-    if title: ax.set_title(title)
-    return ax

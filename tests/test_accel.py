@@ -131,3 +131,96 @@ def test_gradient_accumulation_drops_the_group_of_a_cancelled_batch():
     run = Runner(cbs=[SkipSecond, GradientAccumulation(2), Grads])
     run.fit(1, make_learn(data))
     assert run.grads.seen == [3, 5, 7]
+
+
+# --- gradient clipping: on the gradient the step uses, and never letting nan or inf reach the weights
+
+class StepNorm(Callback):
+    "The global norm of the gradient each optimizer step used."
+    _order = 100
+    def begin_fit(self): self.norms = []
+    def after_step(self): self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()])))
+
+def lin_data(n=48, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g) * 5
+    return DataBunch(*get_dls(Dataset(x, x @ torch.randn(6, 2, generator=g) * 10), Dataset(x[:16], (x @ torch.randn(6, 2, generator=g))[:16]), bs, generator=g))
+
+def clipped_fit(cbs, data=None, lr=0.01):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2)
+    run = Runner([StepNorm(), *cbs])
+    run.fit(1, Learner(model, optim.SGD(model.parameters(), lr, momentum=0.9), F.mse_loss, data or lin_data()))
+    return run, model
+
+@pytest.mark.parametrize('acc', [1, 3])
+def test_clipping_bounds_the_gradient_each_step_uses(acc):
+    free = clipped_fit([GradientAccumulation(acc)])[0].step_norm.norms
+    clipped = clipped_fit([GradientAccumulation(acc), GradientClipping(1.)])[0].step_norm.norms
+    assert max(free) > 10 and max(clipped) <= 1 + 1e-5 and len(clipped) == len(free) == math.ceil(6 / acc)
+
+def test_clipping_acts_on_the_accumulated_gradient_as_a_plain_loop_does():
+    "Two batches accumulated, averaged, then clipped once: the plain loop's weights, to rounding (not partial sums clipped)."
+    run, model = clipped_fit([GradientAccumulation(2), GradientClipping(1.)])
+    torch.manual_seed(0)
+    ref = nn.Linear(6, 2); opt = optim.SGD(ref.parameters(), 0.01, momentum=0.9)
+    batches = list(lin_data().train_dl)  # the same generator seed: the same order
+    for i in range(0, len(batches), 2):
+        for xb, yb in batches[i:i+2]: F.mse_loss(ref(xb), yb).backward()
+        for p in ref.parameters(): p.grad /= 2
+        nn.utils.clip_grad_norm_(ref.parameters(), 1.)
+        opt.step(); opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()): assert torch.allclose(p, q, atol=1e-6), (p, q)
+
+def test_clipping_ordered_before_accumulation_would_differ():
+    "The planted bug the test above catches: clipping each partial sum gives other weights."
+    class EarlyClip(GradientClipping): _order = GradientAccumulation._order - 1
+    _, good = clipped_fit([GradientAccumulation(2), GradientClipping(1.)])
+    _, bad = clipped_fit([GradientAccumulation(2), EarlyClip(1.)])
+    assert max_diff(good, bad) > 1e-3
+
+def test_a_nonfinite_gradient_skips_its_step_and_keeps_the_weights():
+    class Poison(Callback):  # a nan in one gradient entry of the third batch, before clipping sees it
+        _order = GradientClipping._order - 0.5
+        def after_backward(self):
+            if self.iter == 2: self.model.weight.grad[0, 0] = math.nan
+    class Cancel(Callback):  # the same batch cancelled by hand: what a skipped step must equal
+        def after_backward(self):
+            if self.iter == 2: raise CancelBatchException()
+    with pytest.warns(UserWarning, match='GradientClipping: 1 of 6 steps of epoch 0 skipped'):
+        run, model = clipped_fit([Poison(), GradientClipping(1.), Steps()])
+    _, ref = clipped_fit([Cancel(), GradientClipping(1.)])
+    assert run.steps.n == 5 and all(p.isfinite().all() for p in model.parameters())
+    assert max_diff(model, ref) == 0
+    _, lost = clipped_fit([Poison(), GradientClipping(1., skip_nonfinite=False)])
+    assert all(p.isnan().all() for p in lost.parameters())  # what the skip prevents: every weight nan
+
+def test_clipping_reads_one_number_per_step_and_none_when_asked(sync_counter):
+    counts, cbs = sync_counter
+    clipped_fit([GradientClipping(1., skip_nonfinite=False), *cbs])
+    assert counts['n'] == 0
+    clipped_fit([GradientClipping(1.), *cbs])
+    assert counts['n'] == 6  # one finite-or-not read per step, to decide the skip
+
+def test_clipping_unscales_float16_gradients_once():
+    "Under a GradScaler (`ScaledOpt`), clipping acts on the true gradients, and the step uses them once."
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    m, ref = nn.Linear(3, 3), nn.Linear(3, 3)
+    ref.load_state_dict(m.state_dict())
+    xb = torch.randn(4, 3)
+    sc = torch.amp.GradScaler('cpu', init_scale=1024.)
+    opt = ScaledOpt(optim.SGD(m.parameters(), 0.1), sc)
+    sc.scale((m(xb) ** 2).sum()).backward()
+    cb = GradientClipping(1.); cb.set_runner(SimpleNamespace(opt=opt, model=m, cbs=[cb]))
+    cb.begin_fit(); cb.begin_epoch(); cb.after_backward()
+    assert torch.allclose(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])), torch.tensor(1.), atol=1e-5)
+    opt.step()
+    (ref(xb) ** 2).sum().backward()
+    nn.utils.clip_grad_norm_(ref.parameters(), 1.)
+    optim.SGD(ref.parameters(), 0.1).step()
+    for p, q in zip(m.parameters(), ref.parameters()): assert torch.allclose(p, q, atol=1e-5)
+
+@pytest.mark.parametrize('bad', [0, -1., True, 'x', None, math.nan])
+def test_gradient_clipping_bad_input(bad):
+    with pytest.raises(ValueError, match='max_norm'): GradientClipping(bad)

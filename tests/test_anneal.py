@@ -137,7 +137,8 @@ def test_sgdr_fires_after_cycle_after_each_cycle():
     lrs = run.recorder.lrs
     assert [lrs[i] for i in (0, 10, 30)] == pytest.approx([0.1] * 3)  # restarts
     assert lrs[9] < 0.004 and lrs[29] < 0.002 and lrs[69] < 0.002  # the last batch of each cycle is close to min_lr
-    with pytest.raises(ValueError, match=r'expected fit\(7'): Runner(cbs=SGDRCallback(0.1)).fit(6, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
+    assert SGDRCallback(0.1).ends == [1, 2, 3] and sgdr_cycles(4) == [1, 1, 1, 1]  # fastai 0.7's default: cycle_mult=1
+    with pytest.raises(ValueError, match=r'expected fit\(3'): Runner(cbs=SGDRCallback(0.1)).fit(6, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
     with pytest.raises(ValueError, match='cycle_len=0'): sgdr_cycles(2, cycle_len=0)
 
 

@@ -7,7 +7,8 @@ from course_lib.data import ChecksumError
 from course_lib.training import Dataset
 from course_lib.callbacks import *
 from course_lib.cuda import DeviceCallback, BatchTransformXCallback
-from course_lib.vision import batch_dl, SGDW
+from course_lib.training import batch_dl
+from course_lib.anneal import SGDW
 import course_lib.cam as camlib
 from course_lib.cam import *
 

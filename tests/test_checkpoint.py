@@ -57,7 +57,7 @@ def test_keep_best_and_cycle_checkpoints(tmp_path):
     class Acc(Callback):  # a fake validation metric per epoch, to know the best epoch in advance
         _order = 1
         def after_epoch(self): self.run.avg_stats.history[-1]['valid_accuracy'] = [0.5, 0.9, 0.7, 0.8, 0.6, 0.85, 0.1][self.epoch]
-    run = Runner(cbs=[partial(AvgStatsCallback, accuracy, silent=True), Acc, SGDRCallback(0.1, n_cycles=3),
+    run = Runner(cbs=[partial(AvgStatsCallback, accuracy, silent=True), Acc, SGDRCallback(0.1, n_cycles=3, cycle_mult=2),
                       partial(Checkpoint, tmp_path, keep=2, monitor='valid_accuracy')])
     run.fit(7, make_learn())
     assert sorted(p.name for p in tmp_path.iterdir()) == ['best.pth', 'cycle_0.pth', 'cycle_1.pth', 'cycle_2.pth', 'epoch_005.pth', 'epoch_006.pth']

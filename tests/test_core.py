@@ -22,18 +22,22 @@ def test_test_between_message():
 @pytest.mark.parametrize('val,exp', [('quick', 1), ('medium', 3), ('full', 2), ('QUICK', 1), (' Medium ', 3)])
 def test_size_pick(monkeypatch, val, exp):
     monkeypatch.setenv('COURSE_SIZE', val)
-    assert size_pick(1, 2, medium=3) == exp
-    assert size_pick(1, 2) == (1 if exp == 1 else 2)  # medium defaults to full
+    assert size_pick(quick=1, full=2, medium=3) == exp
+
+def test_size_pick_is_keyword_only_and_needs_every_size(monkeypatch):
+    monkeypatch.setenv('COURSE_SIZE', 'quick')
+    with pytest.raises(TypeError, match='positional'): size_pick(1, 2, 3)
+    with pytest.raises(TypeError, match="'medium'"): size_pick(quick=1, full=2)
 
 def test_size_unset_is_full_with_a_gpu_else_medium(monkeypatch):
     monkeypatch.delenv('COURSE_SIZE', raising=False)
     assert course_size() == ('full' if torch.cuda.is_available() else 'medium')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    assert course_size() == 'full' and size_pick(1, 2, 3) == 2
+    assert course_size() == 'full' and size_pick(quick=1, medium=3, full=2) == 2
 
 def test_size_pick_bad(monkeypatch):
     monkeypatch.setenv('COURSE_SIZE', 'huge')
-    with pytest.raises(ValueError, match=r"COURSE_SIZE='huge', expected one of \('quick', 'medium', 'full'\)"): size_pick(1, 2)
+    with pytest.raises(ValueError, match=r"COURSE_SIZE='huge', expected one of \('quick', 'medium', 'full'\)"): size_pick(quick=1, medium=2, full=3)
 
 def test_default_device(monkeypatch):
     monkeypatch.delenv('COURSE_DEVICE', raising=False)

@@ -7,6 +7,7 @@ from course_lib.core import *
 from course_lib.training import Dataset, get_dls, accuracy
 from course_lib.callbacks import *
 from course_lib.cuda import *
+from course_lib.datasets import normalize_to
 from course_lib.cnn import get_cnn_model
 from course_lib.hooks import HooksCallback, append_stats
 from course_lib.accel import MixedPrecision

@@ -81,8 +81,8 @@ def test_sgdr_ends_each_cycle_at_its_minimum():
     data = DataBunch(LMLoader(ids, 16, 8, seed=0), LMLoader(ids[:2000], 16, 8, rand_bptt=False))
     model = nn.Embedding(20, 20)
     lm_loss = lambda pred, yb: F.cross_entropy(pred.view(-1, 20), yb)
-    run = Runner(cb_funcs=[Recorder, partial(AvgStatsCallback, [], silent=True), partial(SGDRCallback, 0.1, 0.001, 3)])
-    run.fit(sum(sgdr_cycles(3)), Learner(model, optim.Adam(model.parameters(), 0.1), lm_loss, data))
+    run = Runner(cb_funcs=[Recorder, partial(AvgStatsCallback, [], silent=True), partial(SGDRCallback, 0.1, 0.001, 3, cycle_mult=2)])
+    run.fit(sum(sgdr_cycles(3, cycle_mult=2)), Learner(model, optim.Adam(model.parameters(), 0.1), lm_loss, data))
     lrs = run.recorder.lrs
     ends = [i - 1 for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1]] + [len(lrs) - 1]
     assert len(ends) == 3

@@ -39,8 +39,8 @@ def test_sampler_sees_dataset_length_at_iteration():
 
 @pytest.mark.parametrize('bs', [0, -1, 2.5, '4', None, True])
 def test_bad_bs(bs):
-    with pytest.raises(ValueError, match=rf'bs={bs!r}, expected a positive integer'): Sampler(ds_of(5), bs)
-    with pytest.raises(ValueError, match=rf'bs={bs!r}, expected a positive integer'): get_dls(ds_of(5), ds_of(5), bs)
+    with pytest.raises(ValueError, match=rf'bs={bs!r}, expected an integer >= 1'): Sampler(ds_of(5), bs)
+    with pytest.raises(ValueError, match=rf'bs={bs!r}, expected an integer >= 1'): get_dls(ds_of(5), ds_of(5), bs)
 
 
 # --- empty datasets and big batch sizes ------------------------------------------------------------

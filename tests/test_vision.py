@@ -9,6 +9,8 @@ from course_lib.cuda import DeviceCallback, BatchTransformXCallback
 from course_lib.anneal import ParamScheduler, sched_lin
 import course_lib.vision as vision
 from course_lib.vision import *
+from course_lib.training import batch_dl, evaluating, confusion_matrix
+from course_lib.anneal import SGDW
 
 
 def images(n=16, c=3, h=32, w=32, seed=0):
@@ -104,7 +106,7 @@ def test_batch_dl_one_pass_covers_every_item_once():
 
 @pytest.mark.parametrize('bs', [0, -1, 2.5, True, None])
 def test_batch_dl_bad_bs(bs):
-    with pytest.raises(ValueError, match='expected a positive integer'): batch_dl(Dataset(images(4), torch.arange(4)), bs)
+    with pytest.raises(ValueError, match=rf'bs={bs!r}, expected an integer >= 1'): batch_dl(Dataset(images(4), torch.arange(4)), bs)
 
 @pytest.fixture
 def fake_cifar(monkeypatch):
