@@ -5,7 +5,7 @@
 # %% ../nbs/00a_files.ipynb #1b0eec56
 from __future__ import annotations
 import os, glob, hashlib, json, shutil, tempfile, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, ExitStack
 from pathlib import Path
 _umask = os.umask(0); os.umask(_umask)  # read once: the permissions a plain `open` would give
 try: import fcntl
@@ -85,15 +85,18 @@ def cached(path, key, make, save, load):
     "`load(path)` if the file at `path` is stamped as made for `key` (JSON) and intact; else `make()`, kept with `save(obj, file)` and a stamp (one process at a time)."
     path = Path(path)
     if (res := _read_cached(path, key, load, False)) is not None: return res
-    try:
-        with locked(path):
-            if (res := _read_cached(path, key, load, True)) is not None: return res  # made by another process while we waited
-            remove_temps(path, '.tmp'); remove_temps(_stamp(path), '.tmp')
-            res = make()
+    with ExitStack() as stack:
+        try: stack.enter_context(locked(path))
+        except PermissionError as e: return _uncached(path, e, make())
+        if (res := _read_cached(path, key, load, True)) is not None: return res  # made by another process while we waited
+        remove_temps(path, '.tmp'); remove_temps(_stamp(path), '.tmp')
+        res = make()
+        try:
             with atomic_write(path) as f: save(res, f)
             with atomic_write(_stamp(path)) as f: f.write(json.dumps({'key': key, 'sha256': sha256sum(path)}, indent=1).encode())
-            return res
-    except PermissionError as e:
-        if 'res' not in locals(): res = make()
-        warnings.warn(f'{path}: cannot keep it there ({e.strerror}: {e.filename}); made it without caching')
+        except PermissionError as e: return _uncached(path, e, res)
         return res
+
+def _uncached(path, e, res):
+    warnings.warn(f'{path}: cannot keep it there ({e.strerror}: {e.filename}); made it without caching')
+    return res

@@ -235,3 +235,23 @@ def test_lr_find_takes_max_iter_steps_and_never_steps_on_an_exploded_loss():
     rec = lr_find(learn, max_iter=100, min_lr=1e-2, max_lr=1e6, cbs=counts)
     assert len(rec.lrs) < 100 and counts.steps == len(rec.lrs) - 1
     assert rec.losses[-1] > 10 * min(rec.losses[:-1]) or not math.isfinite(rec.losses[-1])
+
+# --- the 2018 fit, once (issue 21)
+
+def test_fit_sgdr_trains_to_the_weights_of_the_runner_spelled_out():
+    from course_lib.anneal import fit_sgdr, SGDW
+    def learner(opt_func):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        return Learner(model, opt_func(model.parameters(), lr=0.5), F.cross_entropy, make_data(seed=0, generator=torch.Generator().manual_seed(5)))
+    a, b = learner(SGDW), learner(SGDW)
+    run = fit_sgdr(a, 0.1, 3, cycle_len=1, cycle_mult=2, wd=1e-3, metrics=accuracy, silent=True)
+    for pg in b.opt.param_groups: pg['lr'], pg['wd'] = 0.1, 1e-3
+    Runner([AvgStatsCallback(accuracy, silent=True), SGDRCallback(0.1, 0., 3, cycle_len=1, cycle_mult=2)]).fit(7, b)
+    for p, q in zip(a.model.parameters(), b.model.parameters()): assert torch.equal(p, q)
+    assert len(run.avg_stats.history) == 7 and 'valid_accuracy' in run.avg_stats.history[-1]
+    c = learner(partial(optim.Adam))
+    rec = fit_sgdr(c, [0.01], 2, wd=1e-5, cbs=[Recorder()], silent=True).recorder
+    assert set(rec.lrs) == {0.01} and len(rec.lrs) == 2 * len(c.data.train_dl) and c.opt.param_groups[0]['weight_decay'] == 1e-5
+    with pytest.raises(ValueError, match='n_cycle=0'): fit_sgdr(c, 0.01, 0)
+    with pytest.raises(ValueError, match='2 values of lr for 1 parameter groups'): fit_sgdr(c, [0.1, 0.2], 1)

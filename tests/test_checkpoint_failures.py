@@ -155,3 +155,32 @@ def test_disk_full_while_writing(tmp_path, monkeypatch, where):
     with pytest.raises(CheckpointError, match='disk is full'): save_checkpoint(run, tmp_path/'new.pth')
     monkeypatch.undo()
     assert not (tmp_path/'new.pth').exists() and hidden(tmp_path) == []
+
+
+# ---- resuming (issue 22): from the cycle files of an SGDR run, and never past the fit's end
+
+def test_resume_true_continues_from_the_last_cycle_file(tmp_path):
+    from course_lib.anneal import SGDRCallback, sgdr_cycles
+    def sgdr(path, n_cycles, resume=False, seed=0):
+        torch.manual_seed(seed)
+        learn = make_learn()
+        run = Runner(cbs=[Recorder, partial(AvgStatsCallback, accuracy, silent=True), SGDRCallback(0.1, 0., n_cycles, cycle_mult=2),
+                          Checkpoint(path, every_epoch=False, monitor=None, resume=resume)])
+        run.fit(sum(sgdr_cycles(n_cycles, cycle_mult=2)), learn)
+        return run, learn
+    full, lf = sgdr(tmp_path/'a', 3)
+    sgdr(tmp_path/'b', 2)                                             # the same run stopped after two cycles
+    resumed, lr_ = sgdr(tmp_path/'b', 3, resume=True, seed=1)          # another init: the checkpoint must replace it
+    assert resumed.start_epoch == 3 and sorted(p.name for p in (tmp_path/'b').iterdir()) == ['cycle_0.pth', 'cycle_1.pth', 'cycle_2.pth']
+    for p, q in zip(lf.model.parameters(), lr_.model.parameters()): assert torch.equal(p, q)
+
+def test_a_checkpoint_past_the_fits_end_is_refused_before_anything_changes(tmp_path):
+    run, learn = fitted(epochs=3, cbs=[partial(Checkpoint, tmp_path, monitor=None)])
+    run2, other = fitted(seed=1)
+    before = snapshot(other)
+    e = raised(lambda: Runner(cbs=[Checkpoint(tmp_path, monitor=None, resume=True)]).fit(2, other))
+    assert isinstance(e, CheckpointError) and 'saved after epoch 3, but this fit lasts 2 epochs' in str(e) and 'epoch_002.pth' in str(e)
+    assert all(same(a, b) for a, b in zip(snapshot(other), before))
+    run3 = Runner(cbs=[Checkpoint(tmp_path, monitor=None, resume=True), Steps := type('Steps', (Callback,), {'begin_fit': lambda s: setattr(s, 'n', 0), 'after_step': lambda s: setattr(s, 'n', s.n + 1)})()])
+    run3.fit(3, other)                                                 # a finished run rerun: nothing left, nothing refused
+    assert run3.start_epoch == 3 and run3.steps.n == 0

@@ -84,3 +84,29 @@ def test_rng_states_round_trip():
     set_rng_states(s)
     b = (random.random(), np.random.rand(), torch.rand(2))
     assert a[:2] == b[:2] and torch.equal(a[2], b[2])
+
+# --- second pass: one integer check, one DDP unwrap, generator states that a checkpoint can keep
+
+def test_check_int():
+    assert check_int(bs=3) == 3 and check_int(a=1, b=2) == (1, 2) and check_int(0, n=0) == 0
+    import numpy as np
+    assert check_int(bs=np.int64(4)) == 4 and type(check_int(bs=np.int64(4))) is int
+    for bad in (0, -1, 2.0, True, None, '3'):
+        with pytest.raises(ValueError, match=rf'bs={bad!r}, expected an integer >= 1'): check_int(bs=bad)
+    with pytest.raises(ValueError, match='n=5, expected an integer from 0 to 4'): check_int(0, 4, n=5)
+
+def test_rng_states_survive_a_weights_only_file():
+    import io, random
+    import numpy as np
+    s = rng_states()
+    a = (torch.rand(2), random.random(), np.random.rand())
+    buf = io.BytesIO(); torch.save(s, buf); buf.seek(0)
+    set_rng_states(torch.load(buf, weights_only=True))
+    b = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    with pytest.raises(Exception): set_rng_states({**s, 'torch': s['torch'][:10]}, check=True)
+    assert torch.rand(2).tolist() != a[0].tolist()  # the failed check changed nothing: the sequence went on
+
+def test_unwrap():
+    m = torch.nn.Linear(2, 2)
+    assert unwrap(m) is m

@@ -95,3 +95,13 @@ def test_get_runner_defaults_are_the_course_s():
     assert learn.loss_func is F.cross_entropy and learn.model is model and isinstance(run, Runner)
     learn, _ = get_runner(model, image_data(), lr=0.01, opt_func=optim.Adam, loss_func=F.nll_loss)
     assert type(learn.opt) is optim.Adam and learn.opt.defaults['lr'] == 0.01 and learn.loss_func is F.nll_loss
+
+def test_prepare_batch_replays_the_pipeline_in_order_and_skips_what_it_is_told():
+    from types import SimpleNamespace
+    class Double(BatchTransformXCallback): _order = 3
+    cbs = [Double(lambda x: x * 2), BatchTransformXCallback(lambda x: x + 1), DeviceCallback('meta')]
+    xb, yb = prepare_batch(cbs, torch.ones(2, 3), torch.zeros(2))
+    assert xb.device.type == 'meta' and yb.device.type == 'meta'
+    xb, yb = prepare_batch(cbs, torch.ones(2, 3), torch.zeros(2), skip=DeviceCallback)
+    assert torch.equal(xb, torch.full((2, 3), 4.))  # (1 + 1) * 2: order 2 before order 3
+    assert torch.equal(prepare_batch(cbs, torch.ones(2, 3), torch.zeros(2), skip=(DeviceCallback, Double))[0], torch.full((2, 3), 2.))

@@ -245,3 +245,63 @@ def test_cifar10_offline_names_both_files_and_every_place(data_env, monkeypatch)
     msg = str(e.value)
     for f in ('cifar10.tgz', 'cifar-10-python.tar.gz'): assert str(d/f) in msg and str(m/f) in msg, f
     for folder in ('cifar10', 'cifar-10-batches-py'): assert str(d/folder) in msg, folder
+
+
+# ---- a student's own image folders (issue 22): classes that do not match, stray files, odd or broken images
+
+def folder_tgz(path, train=('airplane', 'automobile'), test=('airplane', 'automobile'), extra=(), labels=b'airplane\nautomobile\n'):
+    files = [('cifar10/labels.txt', labels)] if labels is not None else []
+    files += [(f'cifar10/{s}/{c}/{i:04d}.png', png((40*k + i, 10, 10))) for s, cs in (('train', train), ('test', test))
+              for k, c in enumerate(cs) for i in range(2)]
+    return make_tar(path, files=files + list(extra))
+
+def test_a_class_folder_missing_from_train_is_refused_not_shifted(data_env, monkeypatch):
+    d, m = data_env
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz', train=('automobile',)))
+    with pytest.raises(ValueError, match=r"cifar10/train: no folder for classes \['airplane'\]"): load_cifar10()
+    assert not (d/'cifar10'/'course_lib_uint8.npz').exists()  # nothing cached
+
+def test_a_class_folder_without_images_or_a_stray_folder_is_refused(data_env, monkeypatch):
+    d, m = data_env
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz', extra=[('cifar10/test/cats/0.png', png((1, 2, 3))), ('cifar10/train/airplane/notes.txt', b'x')]))
+    with pytest.raises(ValueError, match=r"cifar10/test: folders \['cats'\] are not classes"): load_cifar10()
+
+def test_files_that_are_not_images_are_left_out(data_env, monkeypatch):
+    d, m = data_env
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz', extra=[('cifar10/train/airplane/.DS_Store', b'\0\0\0\1Bud1'), ('cifar10/train/automobile/Thumbs.db', b'\xd0\xcf')]))
+    xtr, ytr, _, _ = load_cifar10()
+    assert xtr.shape == (4, 3, 32, 32) and ytr.tolist() == [0, 0, 1, 1]
+
+def test_an_image_of_another_size_or_a_truncated_one_names_its_file(data_env, monkeypatch):
+    from PIL import Image
+    d, m = data_env
+    buf = io.BytesIO(); Image.new('RGB', (30, 32)).save(buf, 'PNG')
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz', extra=[('cifar10/train/automobile/9.png', buf.getvalue())]))
+    with pytest.raises(ValueError, match=r'train/automobile/9.png: a 30×32 image, expected 32×32'): load_cifar10()
+    jpg = io.BytesIO(); Image.new('RGB', (32, 32), (9, 9, 9)).save(jpg, 'JPEG')
+    import shutil; shutil.rmtree(d/'cifar10')
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz', extra=[('cifar10/test/airplane/9.jpg', jpg.getvalue()[:200])]))
+    with pytest.raises(ValueError, match=r'test/airplane/9.jpg: cannot read the image'): load_cifar10()
+
+def test_the_cache_follows_what_the_folder_holds(data_env, monkeypatch):
+    "A folder fixed or extended after the first load is decoded again (the cache's key is its files' names, sizes and times)."
+    d, m = data_env
+    use_cifar(monkeypatch, folder_tgz(m/'cifar10.tgz'))
+    assert load_cifar10()[0].shape == (4, 3, 32, 32)
+    (d/'cifar10'/'train'/'airplane'/'0002.png').write_bytes(png((200, 200, 200)))
+    with pytest.warns(UserWarning, match='making it again'): xtr, ytr, _, _ = load_cifar10()
+    assert xtr.shape == (5, 3, 32, 32) and ytr.tolist() == [0, 0, 0, 1, 1] and xtr[2, 0, 0, 0] == 200
+
+def test_dogscats_valid_must_have_the_classes_of_train(data_env, monkeypatch, tmp_path):
+    from course_lib.datasets import image_folders
+    root = tmp_path/'dc'
+    for s, cs in (('train', ('cats', 'dogs')), ('valid', ('dogs',))):
+        for c in cs:
+            (root/s/c).mkdir(parents=True); (root/s/c/'0.png').write_bytes(png((1, 2, 3)))
+    with pytest.raises(ValueError, match=r"dc/valid: no folder for classes \['cats'\]"): image_folders(root)
+    (root/'valid'/'cats').mkdir(); (root/'valid'/'cats'/'Thumbs.db').write_bytes(b'x')
+    with pytest.raises(ValueError, match=r"dc/valid: no images in the folders of classes \['cats'\]"): image_folders(root)
+    (root/'valid'/'cats'/'1.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')
+    tr, va = image_folders(root)
+    assert tr.classes == va.classes == ['cats', 'dogs'] and len(va) == 2
+    with pytest.raises(ValueError, match=r'valid/cats/1.jpg: cannot read the image'): va[0]

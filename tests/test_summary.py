@@ -43,3 +43,10 @@ def test_model_summary_data_is_a_databunch_or_a_loader():
         assert len(rows) == 5 and rows[0][2] == '4x14x14'
     single = image_learn(model=nn.Linear(784, 10))
     assert [r[1:3] for r in model_summary(Runner(), single).rows] == [('Linear', '10')]  # no children: the model itself
+
+def test_model_summary_puts_back_every_module_mode():
+    "A frozen layer kept in eval mode inside a training model stays in eval mode (issue 21: modes restored per module)."
+    learn = image_learn()
+    learn.model.train(); learn.model[0].eval()
+    model_summary(Runner([view()]), learn)
+    assert learn.model.training and not learn.model[0].training and all(m.training for m in learn.model[1:].modules())

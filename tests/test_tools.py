@@ -21,10 +21,13 @@ def test_executed_lesson_keeps_its_figures_and_gets_a_page(tmp_path):
     page = (tmp_path/'01_init.html').read_text()
     assert 'data:image/png;base64' in page and 'Lesson 1' in page
     index = (tmp_path/'index.html').read_text()
-    assert '<a href="01_init.html">01_init.ipynb</a>' in index and '<td>ok</td>' in index
+    assert '<a href="01_init.html">Lesson 1: why initialisation matters</a><div class="nb">01_init.ipynb</div>' in index
+    assert '<td class="status">ok</td>' in index
     rows = (tmp_path/'summary.tsv').read_text().splitlines()
     assert rows[0].split('\t')[:2] == ['notebook', 'status'] and rows[1].split('\t')[1] == 'ok'
     assert int(rows[1].split('\t')[4]) == len(pngs)
+    thumb = tmp_path/'thumbs'/'01_init.png'
+    assert thumb.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and 'src="thumbs/01_init.png"' in index
 
 def test_a_failing_lesson_is_reported_and_the_run_fails(tmp_path):
     nb = tmp_path/'99_bad.ipynb'
@@ -42,3 +45,49 @@ def test_bad_size_and_missing_notebook_are_refused(tmp_path):
     assert r.returncode != 0 and "COURSE_SIZE='huge'" in r.stderr
     r = run_lessons(tmp_path, tmp_path/'nope.ipynb')
     assert r.returncode != 0 and 'no such notebook' in r.stderr
+
+
+def lesson_nb(path, cells):
+    path.write_text(json.dumps({'cells': [{'cell_type': t, 'id': f'c{i}', 'metadata': {}, 'source': src, **({'execution_count': None, 'outputs': []} if t == 'code' else {})}
+                                          for i, (t, src) in enumerate(cells)], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
+    return path
+
+def test_index_shows_title_key_figure_and_the_2018_figure_beside_ours(tmp_path):
+    nb = lesson_nb(tmp_path/'42_demo.ipynb', [
+        ('markdown', '# Lesson 42: a demo\n\n> what it shows'),
+        ('code', 'import matplotlib.pyplot as plt\nplt.plot([0, 1], [0, 1], color="red");'),
+        ('code', '#| figure: key\nplt.figure(); plt.plot([0, 1], [1, 0], color="blue");'),
+        ('code', 'plt.figure(); plt.plot([0, 1], [0, 0], color="green");'),
+        ('code', 'from course_lib.core import headline\nheadline("valid accuracy", 0.97654, lesson=0.99)\nheadline("params", 123)')])
+    r = run_lessons(tmp_path/'out', nb)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path/'out'
+    index = (out/'index.html').read_text()
+    assert '<a href="42_demo.html">Lesson 42: a demo</a>' in index
+    assert '<td class="ours">0.9765</td><td class="lesson">0.99</td>' in index and '<td class="ours">123</td><td class="lesson">&ndash;</td>' in index
+    from PIL import Image
+    im = Image.open(out/'thumbs'/'42_demo.png').convert('RGB')
+    colours = {im.getpixel((x, y)) for x in range(im.width) for y in range(im.height)}
+    blue = any(b > 150 and r < 100 for r, g, b in colours); red = any(r > 150 and g < 100 and b < 100 for r, g, b in colours)
+    assert blue and not red, 'the marked cell\'s figure, not the first or the last'
+    assert (out/'summary.tsv').read_text().splitlines()[1].split('\t')[3] == 'valid accuracy = 0.9765 (2018: 0.99); params = 123'
+
+CHROMIUM = next((p for p in ('/usr/bin/chromium', '/usr/bin/chromium-browser') if os.path.exists(p)), None)
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_index_renders_in_a_real_browser(tmp_path):
+    "Headless Chromium loads the index: the page has its rows, and the thumbnail is drawn (not a broken image)."
+    nb = lesson_nb(tmp_path/'43_pic.ipynb', [('markdown', '# Lesson 43: a picture'),
+        ('code', 'import matplotlib.pyplot as plt\nplt.imshow([[0, 1], [1, 0]], cmap="autumn"); plt.axis("off");')])
+    assert run_lessons(tmp_path/'out', nb).returncode == 0
+    flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+             '--disable-component-update', '--disable-sync', f'--user-data-dir={tmp_path/"profile"}', '--window-size=1200,800']
+    url = (tmp_path/'out'/'index.html').as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', url], capture_output=True, text=True, timeout=120).stdout
+    assert 'Lesson 43: a picture' in dom and 'thumbs/43_pic.png' in dom
+    shot = tmp_path/'shot.png'
+    subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', url], capture_output=True, timeout=120)
+    from PIL import Image
+    im = Image.open(shot).convert('RGB')
+    warm = sum(1 for r, g, b in im.getdata() if r > 200 and b < 80)  # the thumbnail's red-to-yellow pixels
+    assert warm > 1000, f'only {warm} pixels of the thumbnail drawn'

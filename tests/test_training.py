@@ -200,3 +200,37 @@ def test_nll_rejects_labels_out_of_range(bad):
     for f, x in ((nll, inp), (cross_entropy, inp)):
         with pytest.raises(IndexError, match=rf'label {bad} \(at position 1\).*expected labels in 0\.\.9'): f(x, targ)
     assert nll(inp, tensor([0, 9, 5, 1])).isfinite()
+
+
+# --- second pass: modes kept, whole-batch loaders, the loaders' generators, the confusion matrix
+
+from course_lib.training import evaluating, kept_modes, batch_dl, loader_generators, confusion_matrix
+from torch import nn
+from torch.utils.data import DataLoader
+
+def test_evaluating_puts_back_every_module_mode_even_after_an_error():
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout()).train()
+    m[1].eval()
+    with evaluating(m): assert not any(o.training for o in m.modules())
+    assert [o.training for o in m.modules()] == [True, True, False, True]
+    with pytest.raises(ZeroDivisionError):
+        with kept_modes(m): m.eval(); 1/0
+    assert [o.training for o in m.modules()] == [True, True, False, True]
+
+def test_batch_dl_gives_the_items_of_one_collate_loader():
+    ds = Dataset(torch.arange(20.)[:, None], torch.arange(20))
+    ys = [yb for _, yb in batch_dl(ds, 6, shuffle=True, generator=torch.Generator().manual_seed(1))]
+    assert [len(y) for y in ys] == [6, 6, 6, 2] and sorted(torch.cat(ys).tolist()) == list(range(20))
+
+def test_loader_generators_finds_each_generator_once_wherever_it_is():
+    ds = Dataset(torch.zeros(8, 1), torch.zeros(8))
+    g1, g2 = torch.Generator(), torch.Generator()
+    assert loader_generators(DataLoader(ds, 2, shuffle=True, generator=g1), batch_dl(ds, 2, shuffle=True, generator=g2), DataLoader(ds, 2, generator=g1)) == [g1, g2]
+    assert loader_generators(DataLoader(ds, 2)) == []
+
+def test_confusion_matrix_refuses_probabilities_and_mismatched_lengths():
+    y = torch.tensor([0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r'expected class indices: pass pred.argmax\(1\)'): confusion_matrix(torch.rand(5, 3), y, 3)
+    with pytest.raises(ValueError, match='pass pred.argmax'): confusion_matrix(torch.tensor([0., 1., 1., 2., 2.]), y, 3)
+    with pytest.raises(ValueError, match='4 predictions for 5 targets'): confusion_matrix(torch.tensor([0, 1, 1, 2]), y, 3)
+    assert confusion_matrix(torch.tensor([0, 1, 2, 2, 2]), y, 3).tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 2]]

@@ -1,11 +1,14 @@
 """Run the lesson notebooks headless, the way a student's main job does: each in a Jupyter kernel (working directory
 nbs/, matplotlib's inline backend so every figure is kept), then write to an output folder the executed copies, an
-HTML page per lesson, `index.html` (one row per lesson: status, time, headline figure, link to its page) and
-`summary.md` / `summary.tsv`.
+HTML page per lesson, `index.html` (one row per lesson: its title and a link to its page, status, time, a thumbnail
+of its key figure, its headline figures beside the 2018 lesson's) and `summary.md` / `summary.tsv`.
+
+A lesson's key figure is the first figure of a cell marked `#| figure: key` (else its last figure); its headline
+figures are the `headline: name = value` lines it prints, with `(2018: x)` where the 2018 lesson gave the figure.
 
 Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| slow`, `#| cuda`).
 Flags on: COURSE_FLAGS if set (space-separated), else `slow` at full size plus `cuda` when a GPU is present."""
-import argparse, html, os, re, sys, tempfile, time
+import argparse, base64, html, io, os, re, sys, tempfile, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -46,15 +49,41 @@ def default_flags(size):
     if 'COURSE_FLAGS' in os.environ: return set(os.environ['COURSE_FLAGS'].split())
     return ({'slow'} if size == 'full' else set()) | ({'cuda'} if gpu() else set())
 
+_head = re.compile(r'^headline: (.*?) = (.*?)(?: \(2018: (.*)\))?$')
+
 def headlines(nb):
-    "The `headline: name = value` lines the lesson printed."
+    "The `(name, value, 2018 value or '')` of each `headline: name = value (2018: x)` line the lesson printed."
     out = []
     for c in nb.cells:
         for o in c.get('outputs', []):
-            if o.get('output_type') == 'stream': out += [l[len('headline: '):] for l in o.get('text', '').splitlines() if l.startswith('headline: ')]
-    return '; '.join(out)
+            if o.get('output_type') != 'stream': continue
+            out += [(m[1], m[2], m[3] or '') for l in o.get('text', '').splitlines() if (m := _head.match(l))]
+    return out
 
-def n_figures(nb): return sum('image/png' in o.get('data', {}) for c in nb.cells for o in c.get('outputs', []))
+def fmt_headlines(hs): return '; '.join(f'{n} = {v}' + (f' (2018: {l})' if l else '') for n, v, l in hs)
+
+def title(nb):
+    "The lesson's title: its first markdown heading."
+    for c in nb.cells:
+        if c.cell_type == 'markdown' and (m := re.search(r'^#\s+(.+)$', c.source, re.M)): return m[1].strip()
+    return ''
+
+def pngs(cell): return [o['data']['image/png'] for o in cell.get('outputs', []) if 'image/png' in o.get('data', {})]
+
+def n_figures(nb): return sum(len(pngs(c)) for c in nb.cells)
+
+def key_figure(nb):
+    "The lesson's key figure as PNG bytes: the first figure of a cell marked `#| figure: key`, else its last figure (None without one)."
+    marked = [p for c in nb.cells if c.cell_type == 'code' and directives(c).get('figure') == 'key' for p in pngs(c)]
+    figs = marked[:1] or [p for c in nb.cells for p in pngs(c)][-1:]
+    return base64.b64decode(figs[0]) if figs else None
+
+def thumbnail(png, path, width=360):
+    "Write `png` scaled down to at most `width` pixels wide to `path`."
+    from PIL import Image
+    im = Image.open(io.BytesIO(png)).convert('RGB')
+    if im.width > width: im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+    im.save(path)
 
 def to_html(nb, path):
     "Render executed notebook `nb` to a standalone HTML page at `path` (figures embedded)."
@@ -83,25 +112,44 @@ def run(path, out_dir, flags, timeout):
     nbformat.write(runnable, out_dir/path.name)
     try: to_html(runnable, out_dir/(path.stem + '.html'))
     except Exception as e: status += f' (no HTML page: {type(e).__name__}: {str(e)[:100]})'
-    return dict(notebook=path.name, status=status, seconds=f'{secs:.1f}', headline=headlines(runnable) or '-',
-                figures=str(n_figures(runnable)), skipped=str(nskip), page=path.stem + '.html')
+    thumb = ''
+    if (png := key_figure(runnable)) is not None:
+        (out_dir/'thumbs').mkdir(exist_ok=True)
+        thumbnail(png, out_dir/'thumbs'/(path.stem + '.png')); thumb = f'thumbs/{path.stem}.png'
+    hs = headlines(runnable)
+    return dict(notebook=path.name, status=status, seconds=f'{secs:.1f}', headline=fmt_headlines(hs) or '-',
+                figures=str(n_figures(runnable)), skipped=str(nskip), title=title(runnable), thumb=thumb,
+                page=path.stem + '.html', headlines=hs)
 
-COLS = ('notebook', 'status', 'seconds', 'headline', 'figures', 'skipped')
+COLS = ('notebook', 'status', 'seconds', 'headline', 'figures', 'skipped', 'title', 'thumb')
+
+def _figures_html(hs):
+    "The headline figures as a small table: name, this run's value, the 2018 lesson's."
+    if not hs: return '-'
+    e, any18 = html.escape, any(l for _, _, l in hs)
+    head = '<tr><th></th><th>this run</th><th>2018 lesson</th></tr>' if any18 else ''
+    return (f'<table class="figs">{head}' + ''.join(f'<tr><td>{e(n)}</td><td class="ours">{e(v)}</td>'
+            + (f'<td class="lesson">{e(l) or "&ndash;"}</td>' if any18 else '') + '</tr>' for n, v, l in hs) + '</table>')
 
 def write_index(out, rows, size, flags, total):
     e = html.escape
-    trs = '\n'.join(f'<tr class="{"ok" if r["status"] == "ok" else "failed"}"><td><a href="{e(r["page"])}">{e(r["notebook"])}</a></td>'
-                    + ''.join(f'<td>{e(r[k])}</td>' for k in COLS[1:]) + '</tr>' for r in rows)
+    def tr(r):
+        img = f'<a href="{e(r["page"])}"><img src="{e(r["thumb"])}" alt="key figure of {e(r["notebook"])}"></a>' if r['thumb'] else 'no figure'
+        return (f'<tr class="{"ok" if r["status"] == "ok" else "failed"}"><td class="lesson-title"><a href="{e(r["page"])}">{e(r["title"] or r["notebook"])}</a>'
+                f'<div class="nb">{e(r["notebook"])}</div></td><td class="status">{e(r["status"])}</td><td class="time">{e(r["seconds"])} s</td>'
+                f'<td class="thumb">{img}</td><td>{_figures_html(r["headlines"])}</td><td>{e(r["figures"])}</td></tr>')
     n_ok = sum(r['status'] == 'ok' for r in rows)
     (out/'index.html').write_text(f'''<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>course_lib run: {e(out.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-tr.failed td{{background:#fdd}} tr.ok td:nth-child(2){{color:#070}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+tr.failed td{{background:#fdd}} tr.ok td.status{{color:#070}} td.time{{white-space:nowrap}} td.thumb img{{max-width:360px;display:block}} .nb{{color:#666;font-size:85%}}
+table.figs td,table.figs th{{border:none;padding:1px 6px;font-size:90%}} td.lesson{{color:#555}}</style></head><body>
 <h1>course_lib lessons, size {e(size)}</h1>
 <p>{n_ok} of {len(rows)} lessons ran; {total:.0f} s in all. Cell flags on: {e(" ".join(sorted(flags)) or "none")}.
-Each notebook's name links to its executed page, figures included.</p>
-<table><tr>{"".join(f"<th>{c}</th>" for c in COLS)}</tr>
-{trs}
+Each lesson's title links to its executed page, every figure included; the picture is its key figure, and its
+headline figures stand beside the 2018 lesson's where the lesson gave one.</p>
+<table><tr><th>lesson</th><th>status</th><th>time</th><th>key figure</th><th>headline figures</th><th>figures</th></tr>
+{"".join(tr(r) for r in rows)}
 </table></body></html>
 ''', encoding='utf-8')
 
