@@ -36,6 +36,7 @@ from .text import *
 from .rnn import *
 from .vision import *
 from .resnet import *
+from .transfer import *
 from .cam import *
 
 # %% ../nbs/99_all.ipynb #ac7193c6

@@ -12,10 +12,11 @@ __all__ = ['split_text', 'Vocab', 'unigram_nll', 'char_windows', 'bptt_lens', 'L
 
 # %% ../nbs/06_text.ipynb #a6c1e008
 def split_text(text, valid_pct=0.2):
-    "The first `1 - valid_pct` of `text` for training and the rest, the end of the text, for validation."
+    "The first `1 - valid_pct` of `text` for training and the rest, the end of the text, for validation; neither may be empty."
     if not isinstance(text, str): raise TypeError(f'text is a {type(text).__name__}, expected a str')
     if not 0 < valid_pct < 1: raise ValueError(f'valid_pct={valid_pct!r}, expected a fraction strictly between 0 and 1')
     n = round(len(text) * (1 - valid_pct))
+    if not 0 < n < len(text): raise ValueError(f'{len(text)} characters with valid_pct={valid_pct} give {n} for training and {len(text) - n} for validation: expected at least one in each (a longer text, or another valid_pct)')
     return text[:n], text[n:]
 
 # %% ../nbs/06_text.ipynb #a6c1e011
@@ -41,9 +42,7 @@ def unigram_nll(train_ids, ids, vocab_sz):
 # %% ../nbs/06_text.ipynb #a6c1e017
 def char_windows(ids, cs, step=None, seq=False):
     "Windows of `cs` tokens of `ids`, one starting every `step` (default `cs`), and their targets: the next token, or with `seq` the window shifted by one."
-    step = cs if step is None else step
-    for k,v in dict(cs=cs, step=step).items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f'{k}={v!r}, expected an integer >= 1')
+    cs,step = check_int(cs=cs, step=cs if step is None else step)
     if len(ids) <= cs: raise ValueError(f'{len(ids)} tokens, expected more than cs={cs} to make one window and its target')
     idx = torch.arange((len(ids) - cs - 1) // step + 1)[:, None] * step + torch.arange(cs)
     return ids[idx], ids[idx + 1] if seq else ids[idx[:, -1] + 1]
@@ -61,13 +60,15 @@ def bptt_lens(n, bptt, generator=None, rand=True):
     return sl
 
 # %% ../nbs/06_text.ipynb #a6c1e023
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 class LMLoader:
     "`ids` cut into `bs` contiguous streams; batches of about `bptt` steps (`bptt_lens`, drawn when an epoch starts), targets shifted by one and flattened."
     def __init__(self, ids, bs, bptt, rand_bptt=True, seed=None):
-        for k,v in dict(bs=bs, bptt=bptt).items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f'{k}={v!r}, expected an integer >= 1')
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point(): raise TypeError(f'ids is a {type(ids).__name__} {tuple(getattr(ids, "shape", ()))} {getattr(ids, "dtype", "")}, expected a 1-d integer tensor')
+        bs,bptt = check_int(bs=bs, bptt=bptt)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in _INT_DTYPES: raise TypeError(f'ids is a {type(ids).__name__} {tuple(getattr(ids, "shape", ()))} {getattr(ids, "dtype", "")}, expected a 1-d integer tensor')
         if len(ids) <= bs: raise ValueError(f'{len(ids)} tokens for bs={bs} streams, expected more than bs (each stream needs an input and a target)')
+        ids = ids.long()  # int64, what nn.Embedding and the loss take, whatever integer type the ids came in
         self.bs,self.bptt,self.rand_bptt,self.dataset,self.batch_size = bs,bptt,rand_bptt,ids,bs
         self.L = (len(ids) - 1) // bs  # inputs per stream; stream k ends with the first token of stream k+1
         self.data = ids[:bs * self.L + 1].unfold(0, self.L + 1, self.L)

@@ -98,8 +98,88 @@ def test_plain_variant_has_no_residual_layers():
     assert sum(isinstance(m, ResnetLayer) for m in Resnet2([4, 8, 16], 10).modules()) == 4
     assert all(m.bn is None for m in Resnet([4, 8], 10, bn=None).modules() if isinstance(m, BnLayer))
 
-def test_resnet2_stem_trims_to_28_and_dropout_only_in_training():
+def test_resnet2_stem_trims_to_28():
     m = Resnet2([16, 32, 64, 128, 256], 10, p=0.5)
     assert m.conv1(torch.randn(2, 3, 32, 32)).shape == (2, 16, 28, 28)
-    m.eval(); x = torch.randn(2, 3, 32, 32)
+
+def features_into_out(m, x):
+    "The input of `m.out` (the pooled features after dropout) on batch `x`."
+    seen = []
+    h = m.out.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    try: m(x)
+    finally: h.remove()
+    return seen[0]
+
+def test_resnet2_applies_dropout_in_training_only():
+    torch.manual_seed(0)
+    m, x = Resnet2([8, 16, 32], 10, p=0.5), torch.randn(64, 3, 32, 32)
+    f = features_into_out(m.train(), x)
+    share = (f == 0).float().mean().item()  # max-pooled batch-norm outputs are never exactly 0 unless dropped
+    assert 0.4 < share < 0.6, f'{share:.3f} of the features dropped in training with p=0.5'
+    torch.manual_seed(1); a = m(x)
+    torch.manual_seed(2); b = m(x)
+    assert not torch.allclose(a, b)  # batch norm in training depends on the batch only: the masks differ
+    m.eval()
+    assert (features_into_out(m, x) != 0).all()
     torch.testing.assert_close(m(x), m(x))
+
+def test_resnet2_without_dropout_is_deterministic_in_training():
+    torch.manual_seed(0)
+    m, x = Resnet2([8, 16, 32], 10, p=0.).train(), torch.randn(16, 3, 32, 32)
+    torch.manual_seed(1); a = m(x)
+    torch.manual_seed(2); b = m(x)
+    torch.testing.assert_close(a, b)
+    assert (features_into_out(m, x) != 0).all()
+
+
+def layer_shapes(model, x):
+    "Output shapes (c, h, w) of `conv1` and of every `BnLayer`/`ResnetLayer` of `model`, in the order they run."
+    shapes, hs = [], []
+    for mod in model.modules():
+        if isinstance(mod, BnLayer) or mod is getattr(model, 'conv1', None):
+            hs.append(mod.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape[1:]))))
+    try: model(x)
+    finally:
+        for h in hs: h.remove()
+    return shapes
+
+def stages(cs, s0=32, reps=1):
+    "Shapes of a stack of stride-2 layers through channels `cs`, each followed by `reps - 1` stride-1 layers."
+    return [(c, s0 // 2 ** (i + 1), s0 // 2 ** (i + 1)) for i, c in enumerate(cs) for _ in range(reps)]
+
+@pytest.mark.parametrize('model,expected', [
+    (ConvBnNet([10, 20, 40, 80, 160], 10), [(10, 32, 32)] + stages([20, 40, 80, 160])),
+    (ConvBnNet2([10, 20, 40, 80, 160], 10), [(10, 32, 32)] + stages([20, 40, 80, 160], reps=2)),  # the extra layers keep the grid
+    (Resnet([10, 20, 40, 80, 160], 10), [(10, 32, 32)] + stages([20, 40, 80, 160], reps=3)),
+    (Resnet([10, 20, 40, 80, 160], 10, res=False, bn=None), [(10, 32, 32)] + stages([20, 40, 80, 160], reps=3)),
+    (Resnet2([16, 32, 64, 128, 256], 10, 0.2), [(16, 28, 28)] + [(c, s, s) for c, s in ((32, 14), (64, 7), (128, 4), (256, 2)) for _ in range(3)])])
+def test_shapes_layer_by_layer(model, expected):
+    "Every layer's output, not just the model's: the pooling head hides a grid that shrinks too fast."
+    assert layer_shapes(model, torch.randn(2, 3, 32, 32)) == expected
+
+def test_convbnnet2_extra_layers_are_stride_1():
+    m = ConvBnNet2([10, 20, 40, 80, 160], 10)
+    assert [l.conv.stride for l in m.layers] == [(2, 2)] * 4 and [l.conv.stride for l in m.layers2] == [(1, 1)] * 4
+    assert sum(isinstance(o, (nn.Conv2d, nn.Linear)) for o in m.modules()) == 10  # the lesson's "12 layers": conv1, 8 BnLayers, out
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_bnlayer_one_value_per_channel_in_training_is_refused(fused):
+    "n = 1 value per channel: no variance to estimate (n-1 = 0). PyTorch refuses it in training; so do we, without touching the running statistics."
+    l = BnLayer(3, 4, fused=fused)
+    x = torch.randn(1, 3, 1, 1)  # a 3x3 stride-2 conv with padding 1 keeps 1x1
+    with pytest.raises(ValueError, match='more than 1 value per channel'): l(x)
+    assert torch.equal(l.vars, torch.ones(4, 1, 1)) and torch.equal(l.means, torch.zeros(4, 1, 1))
+    l.eval()
+    assert torch.isfinite(l(x)).all()
+    l.train(); l(torch.randn(2, 3, 1, 1))  # two values per channel: fine
+    assert torch.isfinite(l.vars).all()
+
+def test_batch_norm_function_refuses_one_value_per_channel_in_training():
+    x = torch.randn(1, 3, 1, 1, dtype=f64)
+    means, vars = torch.zeros(3, 1, 1, dtype=f64), torch.ones(3, 1, 1, dtype=f64)
+    m, a = torch.ones(3, 1, 1, dtype=f64), torch.zeros(3, 1, 1, dtype=f64)
+    with pytest.raises(ValueError, match=r'x has shape \(1, 3, 1, 1\): 1 value per channel, expected more than 1 value per channel in training'):
+        batch_norm(x, means, vars, m, a, training=True)
+    assert torch.equal(vars, torch.ones(3, 1, 1, dtype=f64))
+    torch.testing.assert_close(batch_norm(x, means, vars, m, a, training=False, eps=0.), x)

@@ -49,15 +49,15 @@ def batches(n=3, bs=4, sl=6, vs=12, seed=0):
 @pytest.mark.parametrize('cls,cell', [(CharSeqStatefulRnn, nn.RNNCell), (CharSeqStatefulRnn, RnnCell), (CharSeqStatefulGRU, GruCell), (CharSeqStatefulGRU, nn.GRUCell)])
 def test_unrolled_loop_matches_layer(cls, cell):
     torch.manual_seed(0)
-    m1 = cls(12, 5, 9).to(D)
-    m2 = copy_rnn(m1, CharSeqStatefulRnn2(12, 5, 9, cell=cell).to(D))
+    m1 = cls(12, 5, nh=9).to(D)
+    m2 = copy_rnn(m1, CharSeqStatefulRnn2(12, 5, nh=9, cell=cell).to(D))
     for xb in batches(): test_near(m2(xb), m1(xb), 1e-10)
     test_near(m2.h, m1.h, 1e-10)
 
 def test_lstm_is_two_unrolled_lstm_cells():
     "In eval mode (no dropout), the 2-layer `nn.LSTM` is two `LstmCell`s, layer after layer, carrying (h, c)."
     torch.manual_seed(0)
-    m = CharSeqStatefulLSTM(12, 5, 8).to(D).eval()
+    m = CharSeqStatefulLSTM(12, 5, nh=8).to(D).eval()
     c1, c2 = LstmCell(5, 8).to(D), LstmCell(8, 8).to(D)
     sd = m.rnn.state_dict()
     for c, l in ((c1, 0), (c2, 1)): c.load_state_dict({k: sd[f'{k}_l{l}'] for k in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')})
@@ -72,7 +72,7 @@ def test_lstm_is_two_unrolled_lstm_cells():
 def test_output_dropout():
     "`p_out` drops the last layer's outputs while training, nothing while evaluating, and adds no weights (old files load)."
     torch.manual_seed(0)
-    m, plain = CharSeqStatefulLSTM(12, 5, 8, p_out=0.5), CharSeqStatefulLSTM(12, 5, 8)
+    m, plain = CharSeqStatefulLSTM(12, 5, nh=8, p_out=0.5), CharSeqStatefulLSTM(12, 5, nh=8)
     assert list(m.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(m.state_dict()); m.eval(); plain.eval()
     xb = batches(1)[0]
@@ -83,12 +83,12 @@ def test_output_dropout():
     torch.manual_seed(1); kept = m.drop(torch.ones_like(outp)) > 0
     test_near(y, torch.log_softmax(m.l_out(outp * kept * 2), -1).view(-1, 12), 1e-6)
     assert 0 < kept.float().mean() < 1
-    with pytest.raises(ValueError, match='1.5'): CharSeqStatefulLSTM(12, 5, 8, p_out=1.5)
+    with pytest.raises(ValueError, match='1.5'): CharSeqStatefulLSTM(12, 5, nh=8, p_out=1.5)
 
 @pytest.mark.parametrize('cls', [CharSeqStatefulRnn, CharSeqStatefulRnn2, CharSeqStatefulGRU, CharSeqStatefulLSTM])
 def test_state_kept_detached_and_reset(cls):
     torch.manual_seed(0)
-    m = cls(12, 5, 7).eval()  # no dropout: the same input gives the same output
+    m = cls(12, 5, nh=7).eval()  # no dropout: the same input gives the same output
     xs = batches()
     m(xs[0])
     for h in (m.h if isinstance(m.h, tuple) else (m.h,)): assert h.grad_fn is None and not h.requires_grad and h.shape[1:] == (4, 7)
@@ -124,7 +124,7 @@ def lm_data(n=3000, bs=8, seed=0):
 
 def test_reset_state_callback():
     torch.manual_seed(0)
-    m = CharSeqStatefulGRU(12, 4, 6)
+    m = CharSeqStatefulGRU(12, 4, nh=6)
     run = Runner(cb_funcs=[ResetState, Resets])
     run.fit(2, Learner(m, optim.Adam(m.parameters(), 1e-2), seq_nll, lm_data()))
     assert [k for k, _ in run.resets.log] == ['train', 'valid'] * 2 and all(h is None for _, h in run.resets.log)
@@ -133,8 +133,8 @@ def test_sgdr_cycle_files_and_resume(tmp_path):
     "A run resumed from a cycle file continues the schedule: same learning rates, same final weights."
     def sgdr(path, resume=False):
         torch.manual_seed(0)
-        m = CharSeqStatefulLSTM(12, 4, 8)
-        run = Runner(cb_funcs=[partial(AvgStatsCallback, [], silent=True), ResetState, partial(GradientClipping, 1.), Recorder,
+        m = CharSeqStatefulLSTM(12, 4, nh=8)
+        run = Runner(cb_funcs=[partial(AvgStatsCallback, silent=True), ResetState, partial(GradientClipping, 1.), Recorder,
                                partial(SGDRCallback, 1e-2, 0., 3, cycle_mult=2), partial(Checkpoint, path, every_epoch=False, monitor=None, resume=resume)])
         run.fit(7, Learner(m, optim.Adam(m.parameters(), 1e-2), seq_nll, lm_data(n=1000)))
         return run, m
@@ -149,7 +149,7 @@ def test_sgdr_cycle_files_and_resume(tmp_path):
 def test_sampling():
     v = Vocab('abc ')
     torch.manual_seed(0)
-    m = CharSeqStatefulGRU(len(v), 3, 8)
+    m = CharSeqStatefulGRU(len(v), 3, nh=8)
     m.train()
     s = get_next_n(m, v, 'ab', 20, 0.7, torch.Generator().manual_seed(1))
     assert len(s) == 22 and s.startswith('ab') and set(s) <= set('abc ')
@@ -162,7 +162,7 @@ def test_sampling():
 def test_sampling_temperature():
     "A low temperature draws the most likely character almost always; a high one spreads the draws."
     v = Vocab('abcd')
-    m = CharSeqStatefulRnn(len(v), 3, 4)
+    m = CharSeqStatefulRnn(len(v), 3, nh=4)
     with torch.no_grad(): m.l_out.weight.zero_(); m.l_out.bias.copy_(torch.tensor([0., 2., 1., 0., 0.]))
     cold = get_next_n(m, v, 'a', 300, 0.1, torch.Generator().manual_seed(0))[1:]
     hot = get_next_n(m, v, 'a', 300, 10., torch.Generator().manual_seed(0))[1:]
@@ -172,7 +172,7 @@ def test_sampling_temperature():
                                         (dict(text=''), 'non-empty'), (dict(text='aXb'), r"\['X'\]"), (dict(n=-1), 'n=-1'), (dict(n=2.), 'n=2.0')])
 def test_sampling_bad_input(kwargs, msg):
     v = Vocab('abc ')
-    args = dict(model=CharSeqStatefulRnn(len(v), 3, 4), vocab=v, text='ab', n=3) | kwargs
+    args = dict(model=CharSeqStatefulRnn(len(v), 3, nh=4), vocab=v, text='ab', n=3) | kwargs
     with pytest.raises(ValueError, match=msg): get_next_n(**args)
 
 def test_sampling_needs_a_stateful_model():

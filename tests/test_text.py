@@ -123,3 +123,20 @@ def test_text_bad_input():
     with pytest.raises(ValueError, match='non-empty'): Vocab('')
     with pytest.raises(ValueError, match='step=0'): char_windows(torch.arange(10), 3, step=0)
     with pytest.raises(ValueError, match='more than cs=10'): char_windows(torch.arange(10), 10)
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_loader_serves_any_integer_ids_as_int64(dtype):
+    "Ids stored in a smaller integer type come out as int64, the batches the int64 ids give, ready for an embedding and the loss."
+    ids = ids_of(2000)
+    a, b = epoch(LMLoader(ids.to(dtype), 8, 8, seed=0)), epoch(LMLoader(ids, 8, 8, seed=0))
+    assert len(a) == len(b)
+    for (x, y), (u, w) in zip(a, b): assert x.dtype == y.dtype == torch.long and torch.equal(x, u) and torch.equal(y, w)
+    F.cross_entropy(nn.Embedding(20, 20)(x).view(-1, 20), y)
+
+def test_loader_refuses_bool_ids():
+    with pytest.raises(TypeError, match='torch.bool'): LMLoader(torch.ones(100, dtype=torch.bool), 8, 8)
+
+@pytest.mark.parametrize('text,pct,msg', [('ab', 0.2, '2 characters .* give 2 for training and 0 for validation'), ('a', 0.2, '1 for training and 0 for validation'),
+                                          ('abc', 0.9, '0 for training and 3 for validation'), ('', 0.5, '0 characters')])
+def test_split_text_refuses_an_empty_part(text, pct, msg):
+    with pytest.raises(ValueError, match=msg): split_text(text, pct)

@@ -1,5 +1,6 @@
 import math
 from functools import partial
+import numpy as np
 import pytest, torch
 from torch import nn, optim
 import torch.nn.functional as F
@@ -16,13 +17,59 @@ from course_lib.anneal import SGDW
 def images(n=16, c=3, h=32, w=32, seed=0):
     return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
+def symmetric_pad(x, pad):
+    "numpy's 'symmetric' padding of the last two axes (OpenCV's BORDER_REFLECT: the edge pixel repeated)."
+    return torch.from_numpy(np.pad(x.numpy(), [(0, 0)] * (x.dim() - 2) + [(pad, pad)] * 2, mode='symmetric'))
+
 def loop_reference(xb, pad, generator):
     "The same augmentation image by image, drawing the random numbers in the same order."
     bs, _, h, w = xb.shape
     dy, dx = torch.randint(0, 2*pad + 1, (2, bs), generator=generator)
     flip = torch.rand(bs, generator=generator) < 0.5
-    out = [F.pad(xb[i], (pad,) * 4)[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(bs)]
+    out = [symmetric_pad(xb[i], pad)[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(bs)]
     return torch.stack([o.flip(2) if f else o for o, f in zip(out, flip)])
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 8, 8), (1, 1, 5, 7), (4, 2, 3, 1)])
+@pytest.mark.parametrize('pad', [0, 1, 3, 8])
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int32, torch.float32])
+def test_pad_reflect_is_numpy_symmetric(shape, pad, dtype):
+    "Reflection with the edge repeated, as OpenCV's BORDER_REFLECT, for pads wider than the image too, any dtype."
+    x = images(*shape).to(dtype)
+    out = pad_reflect(x, pad)
+    assert out.dtype == dtype and out.shape == (*shape[:2], shape[2] + 2*pad, shape[3] + 2*pad)
+    assert torch.equal(out, symmetric_pad(x, pad))
+
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_flip_pad_crop_keeps_the_memory_layout(fmt):
+    xb = images(8).contiguous(memory_format=fmt)
+    assert flip_pad_crop(xb, generator=torch.Generator().manual_seed(0)).is_contiguous(memory_format=fmt)
+
+@pytest.mark.parametrize('x,pad,msg', [(images(2), -1, 'pad=-1, expected an integer >= 0'), (images(2), 2.0, 'pad=2.0'),
+                                       (torch.arange(5), 1, r'\(5,\), expected …×h×w')])
+def test_pad_reflect_bad_input(x, pad, msg):
+    with pytest.raises(ValueError, match=msg): pad_reflect(x, pad)
+
+def test_pad_reflect_is_not_torch_reflect():
+    row = torch.arange(1, 5)[None, None]
+    assert pad_reflect(row, 2)[0, 2].tolist() == [2, 1, 1, 2, 3, 4, 4, 3]
+    assert F.pad(row.float(), (2, 2), mode='reflect')[0, 0].tolist() == [3, 2, 1, 2, 3, 4, 3, 2]
+    assert torch.equal(reflect(torch.arange(-3, 7), 4), torch.tensor([2, 1, 0, 0, 1, 2, 3, 3, 2, 1]))
+
+def test_flip_pad_crop_crops_are_crops_of_the_reflected_image():
+    "Each output is one of the 2*(2*pad+1)**2 flipped or plain crops of the symmetric-padded image (no black border)."
+    h, pad = 8, 2
+    x = torch.arange(h * h).view(1, 1, h, h) + 1  # every pixel different, none 0
+    padded = symmetric_pad(x, pad)[0, 0]
+    crops = {}
+    for dy in range(2*pad + 1):
+        for dx in range(2*pad + 1):
+            c = padded[dy:dy + h, dx:dx + h]
+            crops[c.numpy().tobytes()], crops[c.flip(1).numpy().tobytes()] = (dy, dx, 0), (dy, dx, 1)
+    out = flip_pad_crop(x.expand(200, 1, h, h), pad, generator=torch.Generator().manual_seed(0))
+    found = [crops.get(o[0].contiguous().numpy().tobytes()) for o in out]
+    assert None not in found
+    assert len({f[:2] for f in found}) == (2*pad + 1) ** 2 and 0 < sum(f[2] for f in found) < 200
 
 
 @pytest.mark.parametrize('shape,pad', [((16, 3, 32, 32), None), ((5, 1, 12, 20), 3), ((4, 3, 8, 8), 0), ((1, 2, 9, 7), 1)])
@@ -90,6 +137,23 @@ def test_normalize_round_trip_and_statistics():
     torch.testing.assert_close(norm.decode(xn), x.float() / 255, atol=1e-6, rtol=0)
     assert norm.decode(xn * 10).max() <= 1 and norm.decode(xn * 10).min() >= 0
 
+@pytest.mark.parametrize('xb,msg', [(images(4, c=1), r'\(4, 1, 32, 32\), expected images bs×3×h×w'),         # grey: not 3 channels out
+                                    (images(4).flatten(1), r'\(4, 3072\), expected images'),                      # flat: not a 3×bs×3072 broadcast
+                                    (images(4, c=4), r'\(4, 4, 32, 32\), expected images bs×3×h×w'),            # RGBA
+                                    (torch.zeros(32, 32), r'\(32, 32\), expected images'),
+                                    (torch.zeros(4, 32, 32, 3), r'\(4, 32, 32, 3\)')])                          # channels last in the shape
+def test_normalize_checks_rank_and_channels(xb, msg):
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    with pytest.raises(ValueError, match=msg): norm(xb)
+    with pytest.raises(ValueError, match=msg): norm.decode(xb.float())
+
+def test_normalize_takes_one_image_and_other_channel_counts():
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    x = images(2)
+    torch.testing.assert_close(norm(x[0]), norm(x)[0])
+    assert Normalize([0.5] * 4, [0.25] * 4)(images(2, c=4)).shape == (2, 4, 32, 32)
+    assert Normalize([0.5], [0.25])(images(2, c=1)).shape == (2, 1, 32, 32)
+
 @pytest.mark.parametrize('mean,std,msg', [([0.5, 0.5], [0.2] * 3, 'one value per channel'), ([0.5], [0.], 'expected positive'),
                                           ([0.5], [float('nan')], 'expected positive'), (0.5, 0.2, 'one value per channel')])
 def test_normalize_bad_input(mean, std, msg):
@@ -125,6 +189,15 @@ def test_cifar_data_subsets_and_seeds(fake_cifar):
     assert torch.equal(data.train_ds.y, again.train_ds.y) and torch.equal(next(iter(data.train_dl))[1], next(iter(again.train_dl))[1])
     assert not torch.equal(data.train_ds.y, cifar_data(bs=32, n_train=64, n_valid=50, seed=4).train_ds.y)
     assert len(cifar_data(bs=32).train_ds) == 200
+
+def test_cifar_data_validation_set_in_order_every_pass(fake_cifar):
+    "The test images come in the dataset's order, the same every pass (shuffling them changes nothing in the accuracy but breaks every pairing of predictions with images)."
+    for kw in (dict(), dict(n_valid=60, seed=5)):
+        data = cifar_data(bs=16, **kw)
+        for _ in range(2):
+            xs, ys = zip(*data.valid_dl)
+            assert torch.equal(torch.cat(xs), data.valid_ds.x) and torch.equal(torch.cat(ys), data.valid_ds.y)
+    assert torch.equal(cifar_data(bs=16).valid_ds.x, fake_cifar[2])  # all of them: in the files' order
 
 @pytest.mark.parametrize('kw,msg', [(dict(n_train=0), 'n_train=0, expected an integer from 1 to 200'),
                                     (dict(n_train=201), 'n_train=201'), (dict(n_valid=2.5), 'n_valid=2.5'),
@@ -220,6 +293,26 @@ def test_get_preds_and_tta():
     with torch.no_grad(): expected = (p + aug_pass() + aug_pass()) / 3
     torch.testing.assert_close(pt, expected)
     assert torch.equal(p0, p) and torch.equal(y2, y)
+
+@pytest.mark.parametrize('n_aug,k', [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+def test_tta_counts_the_plain_prediction_ceil_n_aug_over_4_times(n_aug, k):
+    "fastai 0.7's TTA: the plain prediction repeated ceil(n_aug/4) times, then the mean of all."
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    model, dl = learn.model, learn.data.valid_dl
+    p, _ = get_preds(model, dl, cifar_cbs(norm, seed=2, device='cpu'))
+    cbs = cifar_cbs(norm, seed=2, device='cpu')
+    augs = [get_preds(model, dl, cbs, aug=True)[0] for _ in range(n_aug)]
+    _, pt, _ = tta(model, dl, cifar_cbs(norm, seed=2, device='cpu'), n_aug=n_aug)
+    torch.testing.assert_close(pt, (k * p + sum(augs)) / (k + n_aug))
+
+@pytest.mark.parametrize('dl', [[], batch_dl(Dataset(images(0), torch.zeros(0, dtype=torch.long)), 8)])
+def test_get_preds_and_tta_on_an_empty_loader(dl):
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    with pytest.raises(ValueError, match='the loader gave no batches'): get_preds(learn.model, dl, cifar_cbs(norm, device='cpu'))
+    with pytest.raises(ValueError, match='the loader gave no batches'): tta(learn.model, dl, cifar_cbs(norm, device='cpu'))
+    assert learn.model.training
 
 def test_get_preds_restores_the_mode_when_the_model_raises():
     class Boom(nn.Module):
