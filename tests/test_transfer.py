@@ -416,3 +416,5 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match='res=16, expected an integer >= 32'): cifar_resnet('resnet18', 1, res=16)
     with pytest.raises(ValueError, match='sz=16, expected an integer >= 32'): dogscats_data(16, 8)
     with pytest.raises(ValueError, match="kind='imagenet', expected one of"): pretrained_body('imagenet')
+    for kind in ('auto', 'cifar'):  # a weights file is not silently ignored
+        with pytest.raises(ValueError, match=f"path='w.pth' with kind='{kind}': a weights file needs kind='resnet' or 'efficientnet'"): pretrained_body(kind, path='w.pth')
