@@ -156,7 +156,7 @@ def pointing_game(model, ims, ys, norm, maps=cam_maps, n=300, canvas=None, size=
     "Hit rates of the maps `maps(model, x, cls)` gives (a dict name -> bs×H×W, and the log-probabilities; `cls` the true classes) on `n` composites of `ims` (see `composites`; canvas twice the photos' size by default), the accuracy on them, chance; per composite, the hits and the right predictions."
     size = size or ims.shape[-1]; canvas = canvas or 2*size
     cims, idx, boxes = composites(ims, n, canvas, size, bg, seed)
-    dev, hits, right = next(model.parameters()).device, {}, []
+    dev, hits, right = model_device(model), {}, []
     for i in range(0, n, bs):
         x, y = norm(cims[i:i+bs].to(dev)), ys[idx[i:i+bs]].to(dev)
         ms, lp = maps(model, x, y)

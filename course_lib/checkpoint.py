@@ -122,7 +122,7 @@ def load_checkpoint(run, fn):
     "Validate checkpoint `fn` against `run`'s model, optimizer, loaders and callbacks, then restore all of it and the position."
     sd = read_checkpoint(fn)
     model,opt,gens,rngs = unwrap(run.model),run.opt,loader_generators(run.data.train_dl),sd['rng']
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     try:
         _check_model(model, sd['model'], fn); _check_opt(opt, sd['opt'], sd['opt_class'], fn)
         if not isinstance(rngs, list) or not rngs: raise CheckpointError(f'{fn}: expected a list of generator states, one per process, found {type(rngs).__name__}')

@@ -4,14 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #0a5c241f
 from __future__ import annotations
-import os, re, random, math, numbers
+import os, re, random, math, numbers, warnings, itertools
+from contextlib import contextmanager
 import numpy as np, torch
 from fastcore.test import *
 
 # %% auto #0
-__all__ = ['SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'check_int', 'stats',
-           'default_device', 'set_seed', 'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank', 'unwrap',
-           'course_size', 'size_pick', 'headline']
+__all__ = ['DRIVERS', 'SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'check_int',
+           'stats', 'default_device', 'model_device', 'nvidia_gpu', 'gpu_note', 'set_seed', 'deterministic',
+           'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank', 'unwrap', 'course_size', 'size_pick',
+           'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
 def _near(a, b, eps, rtol, where=''):
@@ -89,19 +91,67 @@ def default_device():
         except RuntimeError as e: raise ValueError(f'COURSE_DEVICE={d!r} is not a torch device (expected e.g. cpu, cuda, cuda:1)') from e
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
+# %% ../nbs/00_core.ipynb #9281104e
+def model_device(m):
+    "The device of module `m`'s first parameter or buffer; the CPU for a module with neither."
+    return next((t.device for t in itertools.chain(m.parameters(), m.buffers())), torch.device('cpu'))
+
+# %% ../nbs/00_core.ipynb #ba827d9a
+DRIVERS = {13: 580, 12: 525, 11: 450}  # CUDA major version -> the oldest NVIDIA driver series it runs on (Linux)
+
+def nvidia_gpu():
+    "(name, driver version) of an NVIDIA GPU this machine shows (`nvidia-smi`, else the driver's /proc file), or None."
+    import shutil, subprocess
+    if shutil.which('nvidia-smi'):
+        try:
+            out = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader'], capture_output=True, text=True, timeout=30).stdout
+            if out.strip(): return tuple(s.strip() for s in out.splitlines()[0].split(',')[:2])
+        except (OSError, subprocess.SubprocessError, ValueError): pass
+    try: m = re.search(r'Kernel Module\s+(?:for \S+\s+)?(\d+[\d.]*)', open('/proc/driver/nvidia/version').read())
+    except OSError: return None
+    return ('an NVIDIA GPU', m.group(1)) if m else None
+
+def gpu_note(gpu=None, cuda=None, available=None):
+    "One line when the machine has an NVIDIA GPU this torch cannot use: driver, CUDA build, what to do; else None."
+    if torch.cuda.is_available() if available is None else available: return None
+    if not (gpu := nvidia_gpu() if gpu is None else gpu): return None
+    (name, drv), cuda = gpu, torch.version.cuda if cuda is None else cuda
+    head, tail = f'{name} (driver {drv}) is here, but torch {torch.__version__} cannot use it:', '; the lessons run on the CPU.'
+    if not cuda: return f'{head} it is a CPU build. Install a CUDA build (README: "The GPU driver"){tail}'
+    need = DRIVERS.get(int(cuda.split('.')[0]))
+    if need and int(drv.split('.')[0]) < need:
+        return f'{head} it is built for CUDA {cuda}, which needs driver R{need} or newer. Update the driver, or install a torch built for an older CUDA (README: "The GPU driver"){tail}'
+    return f'{head} torch.cuda.is_available() is False with a driver new enough for CUDA {cuda} (a container without the GPU, or permissions?){tail}'
+
 # %% ../nbs/00_core.ipynb #7ee0aa91
 def set_seed(seed=42, deterministic=False):
     "Seed `random`, NumPy and PyTorch (CPU and CUDA); `deterministic` also asks cuDNN for reproducible kernels."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
+# %% ../nbs/00_core.ipynb #88fe3e8d
+@contextmanager
+def deterministic():
+    "Deterministic kernels inside the block, on CUDA too (cuDNN off: its RNNs keep their own dropout state); settings restored after."
+    cudnn = torch.backends.cudnn
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.enabled, cudnn.deterministic, cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.enabled, cudnn.deterministic, cudnn.benchmark = False, True, False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*CuBLAS.*')  # one stream: cuBLAS gives the same bits anyway
+            yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        cudnn.enabled, cudnn.deterministic, cudnn.benchmark = old[2:]
+
 # %% ../nbs/00_core.ipynb #1ebfa523
 def rng_states():
-    "The states of the generators of Python, NumPy and PyTorch (CPU, and each GPU once CUDA is in use), as tensors and numbers."
+    "The states of the generators of Python, NumPy and PyTorch (CPU, and each GPU on a GPU box), as tensors and numbers."
     py,npy = random.getstate(),np.random.get_state()
     s = {'torch': torch.get_rng_state(), 'python': [py[0], torch.tensor(py[1]), py[2]],
          'numpy': [torch.from_numpy(npy[1].astype(np.int64)), int(npy[2]), int(npy[3]), float(npy[4])]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()  # starts CUDA: a fit on it is coming anyway
     return s
 
 def set_rng_states(s, check=False):
@@ -138,9 +188,9 @@ def unwrap(model):
 SIZES = ('quick', 'medium', 'full')
 
 def course_size():
-    "The lesson size: `COURSE_SIZE` ('quick', 'medium' or 'full'), else 'full' with a GPU and 'medium' without."
+    "The lesson size: `COURSE_SIZE` ('quick', 'medium' or 'full'), else 'full' on CUDA (`default_device()`) and 'medium' on the CPU."
     s = os.environ.get('COURSE_SIZE', '').strip().lower()
-    if not s: return 'full' if torch.cuda.is_available() else 'medium'
+    if not s: return 'full' if default_device().type == 'cuda' else 'medium'
     if s not in SIZES: raise ValueError(f'COURSE_SIZE={s!r}, expected one of {SIZES}')
     return s
 

@@ -16,9 +16,10 @@ from functools import partial
 from fastcore.basics import patch
 from .core import *
 from .callbacks import *
+from .cuda import DeviceCallback
 
 # %% auto #0
-__all__ = ['GLOO_TIMEOUT', 'torchrun_env', 'DistributedCallback', 'free_port', 'run_torchrun']
+__all__ = ['GLOO_TIMEOUT', 'torchrun_env', 'fit_device', 'pick_backend', 'DistributedCallback', 'free_port', 'run_torchrun']
 
 # %% ../nbs/05h_distributed.ipynb #488b1243
 def torchrun_env():
@@ -47,6 +48,24 @@ def _init_group(backend, timeout):
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=r, world_size=ws, **kw)
     _n_groups += 1
 
+def fit_device(run):
+    "The device a fit trains on: its `DeviceCallback`'s, else where the model's parameters are now."
+    dcb = next((cb for cb in run.cbs if isinstance(cb, DeviceCallback)), None)
+    return dcb.device if dcb is not None else model_device(run.model)
+
+def pick_backend(dev, local_rank, n_local, backend=None):
+    "gloo for a fit on the CPU; NCCL for one on CUDA, on GPU `local_rank` (one GPU per local process, or an error)."
+    if dev.type != 'cuda':
+        if backend == 'nccl': raise ValueError(f"backend='nccl' reduces CUDA tensors only, but this fit trains on {dev}: leave backend to the callback (gloo)")
+        return backend or 'gloo'
+    if (n := torch.cuda.device_count()) < n_local:
+        raise RuntimeError(f'{n_local} processes on this machine but {n} GPU{"s" * (n != 1)}: NCCL needs one GPU per process. Start '
+                           f'torchrun with --nproc_per_node {n}, or fit on the CPU (DeviceCallback("cpu"), gloo)')
+    if dev.index is not None and dev.index != local_rank:
+        raise ValueError(f'the fit puts the model on {dev}, but local rank {local_rank} trains on cuda:{local_rank}: give DeviceCallback no index')
+    torch.cuda.set_device(local_rank)  # before the device callback moves the model: 'cuda' is then this process's GPU
+    return backend or 'nccl'
+
 def _to_sync_bn(model):
     "Swap `model`'s BatchNorm layers for `SyncBatchNorm`s sharing their parameters and buffers; return the swaps, to undo them."
     swaps = [(m, n, c) for m in model.modules() for n, c in m.named_children()
@@ -70,8 +89,7 @@ class DistributedCallback(Callback):
         if not torchrun_env(): return
         self.rank,self.ws,self.local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
         self.inner,self.orig_data,self.own_group = self.learn.model,self.learn.data,not dist_on()
-        backend = self.backend or ('nccl' if torch.cuda.is_available() else 'gloo')
-        if backend == 'nccl': torch.cuda.set_device(self.local_rank)
+        backend = pick_backend(fit_device(self.run), self.local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', self.ws)), self.backend)
         if self.own_group: _init_group(backend, self.timeout or (GLOO_TIMEOUT if backend == 'gloo' else None))
         elif self.timeout: dist.set_timeout(self.timeout)
         self.active = True
@@ -94,7 +112,7 @@ def _all_reduce(t, dev):
 def begin_epoch(self:DistributedCallback):
     if not self.active: return
     if self.ddp is None:
-        dev = next(self.inner.parameters()).device
+        dev = model_device(self.inner)
         if self.sync_bn and dev.type == 'cuda': self.swaps = _to_sync_bn(self.inner)
         self.ddp = DDP(self.inner, device_ids=[dev.index] if dev.type == 'cuda' else None, broadcast_buffers=not self.sync_bn)
     self.learn.model = self.ddp
@@ -117,7 +135,7 @@ def begin_validate(self:DistributedCallback):
 @patch
 def after_epoch(self:DistributedCallback):
     if not self.active: return
-    dev = next(self.inner.parameters()).device
+    dev = model_device(self.inner)
     for cb in self.run.cbs:
         if isinstance(cb, AvgStatsCallback):
             for st in (cb.train_stats, cb.valid_stats): st.reduce(partial(_all_reduce, dev=dev))

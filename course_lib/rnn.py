@@ -211,7 +211,7 @@ def get_next_n(model, vocab, text, n, temperature=1., generator=None):
     model.reset()
     try:
         with evaluating(model):
-            xb,res = vocab.numericalize(text)[None].to(next(model.parameters()).device),[]
+            xb,res = vocab.numericalize(text)[None].to(model_device(model)),[]
             for i in range(n):
                 logp = model(xb)[-1].float()
                 if i == 0: _check_vocab(len(logp), vocab)  # a model without vocab_sz: its output

@@ -37,5 +37,5 @@ def model_summary(run, learn, data=None, find_all=False, mods=None):
     xb, yb = prepare_batch(run.cbs, *next(iter(dl)))
     rows = []
     def f(hook, mod, inp, outp): rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), _nparams(mod), _nparams(mod, True)))
-    with Hooks(mods, f), evaluating(model), torch.no_grad(): model(xb.to(next(model.parameters()).device))
+    with Hooks(mods, f), evaluating(model), torch.no_grad(): model(xb.to(model_device(model)))
     return Summary(rows, _nparams(model), _nparams(model, True))

@@ -152,17 +152,17 @@ def get_dls(train_ds, valid_ds, bs, **kwargs):
 
 # %% ../nbs/02_minibatch.ipynb #b7118712
 def confusion_matrix(pred, targ, c):
-    "c×c counts of (true class, predicted class) pairs: row = `targ`, column = `pred` (class indices, e.g. `probs.argmax(1)`)."
+    "c×c counts (on the CPU) of (true, predicted) class pairs: row = `targ`, column = `pred` (indices, e.g. `probs.argmax(1)`)."
     pred, targ = torch.as_tensor(pred), torch.as_tensor(targ).flatten()
     if pred.is_floating_point() or pred.dim() > 1:
         raise ValueError(f'pred is a {pred.dtype} tensor of shape {tuple(pred.shape)}, expected class indices: pass pred.argmax(1)')
     if pred.shape != targ.shape: raise ValueError(f'{len(pred)} predictions for {len(targ)} targets, expected as many')
     if len(pred) and (min(pred.min(), targ.min()) < 0 or max(pred.max(), targ.max()) >= c): raise ValueError(f'class indices outside 0..{c-1}')
-    return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)
+    return torch.bincount(targ * c + pred, minlength=c*c).view(c, c).cpu()
 
 def plot_confusion(cm, classes, ax=None, title=None):
     "Show confusion matrix `cm` with its counts; rows are true classes, columns predictions."
-    ax = ax or plt.subplots(figsize=(6, 6))[1]
+    ax, cm = ax or plt.subplots(figsize=(6, 6))[1], torch.as_tensor(cm).cpu()
     ax.imshow(cm, cmap='Blues')
     ticks = range(len(classes))
     ax.set_xticks(ticks, classes, rotation=90); ax.set_yticks(ticks, classes)

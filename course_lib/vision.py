@@ -114,14 +114,14 @@ def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
 
 # %% ../nbs/07_cifar.ipynb #b56eedb3
 def get_preds(model, dl, cbs=(), aug=False):
-    "Probabilities (softmax of the outputs) of `model` in eval mode on each batch of `dl`, prepared by `cbs` (see `prepare_batch`; `AugmentCallback`s only if `aug`), and the targets."
-    ps, ys = [], []
+    "Probabilities and targets, on the CPU: `model` in eval mode on `dl`, each batch prepared by `cbs` (augmented if `aug`)."
+    ps, ys, dev = [], [], model_device(model)
     with evaluating(model), torch.no_grad():
         for xb, yb in dl:
             xb, yb = prepare_batch(cbs, xb, yb, skip=() if aug else AugmentCallback)
-            ps.append(model(xb).float().softmax(-1)); ys.append(yb)
+            ps.append(model(xb.to(dev)).float().softmax(-1)); ys.append(yb)
     if not ps: raise ValueError(f'the loader gave no batches (dataset of {len(getattr(dl, "dataset", ()))} items?), expected at least one batch to predict on')
-    return torch.cat(ps), torch.cat(ys)
+    return torch.cat(ps).cpu(), torch.cat(ys).cpu()  # one copy to the host, at the end
 
 def tta(model, dl, cbs, n_aug=4):
     "Test-time augmentation as fastai 0.7: (probabilities on the plain images, the average of those counted ⌈n_aug/4⌉ times and of `n_aug` augmented passes, targets); `cbs` must include an `AugmentCallback`."

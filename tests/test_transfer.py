@@ -379,8 +379,8 @@ def test_fine_tune_trains_the_head_then_everything_with_batch_norm_kept(monkeypa
     assert [h['phase'] for h in hist] == ['head', 'head', 'all', 'all']
     assert [(lr, a, cl) for lr, a, cl, _ in heads] == [(1e-2, (1,), None), (1e-2, (1,), 1), ([1e-4, 1e-2], (1,), 2)]
     assert [n for *_, n in heads] == [2, 2, len(params)]
-    for k, v in model.named_buffers(): assert torch.equal(v, before[k]), k  # frozen, then bn_freeze: statistics kept
-    assert all(not torch.equal(p, params[k]) for k, p in model.named_parameters())  # then every weight learnt
+    for k, v in model.named_buffers(): assert torch.equal(v.cpu(), before[k]), k  # frozen, then bn_freeze: statistics kept
+    assert all(not torch.equal(p.cpu(), params[k]) for k, p in model.named_parameters())  # then every weight learnt (on the fit's device)
 
 @pytest.fixture
 def small_lesson(data_env, monkeypatch):

@@ -6,8 +6,10 @@ of its key figure, its headline figures beside the 2018 lesson's) and `summary.m
 A lesson's key figure is the first figure of a cell marked `#| figure: key` (else its last figure); its headline
 figures are the `headline: name = value` lines it prints, with `(2018: x)` where the 2018 lesson gave the figure.
 
-Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| slow`, `#| cuda`).
-Flags on: COURSE_FLAGS if set (space-separated), else `slow` at full size plus `cuda` when a GPU is present."""
+Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| cuda`).
+Size and flags follow the device the lessons train on (`course_lib.core.default_device`, so `COURSE_DEVICE=cpu` on a GPU
+box gives the CPU's): COURSE_SIZE if set, else `full` on CUDA and `medium` on the CPU; COURSE_FLAGS if set
+(space-separated), else `cuda` on CUDA and none on the CPU. On a box whose GPU torch cannot use, it says so first."""
 import argparse, base64, html, io, os, re, sys, tempfile, time
 from pathlib import Path
 import nbformat
@@ -17,7 +19,7 @@ from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
-FLAGS = ('slow', 'cuda')
+FLAGS = ('cuda',)
 _directive = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 def directives(cell):
@@ -34,20 +36,22 @@ def skip_cell(cell, flags):
     d = directives(cell)
     return d.get('eval', '').lower() == 'false' or any(k in FLAGS and k not in flags for k in d)
 
-def gpu():
-    import torch
-    return torch.cuda.is_available()
+def device():
+    "The device the lessons will train on, as `course_lib` picks it (`COURSE_DEVICE`, else CUDA when torch can use it)."
+    from course_lib.core import default_device
+    try: return default_device()
+    except ValueError as e: sys.exit(str(e))
 
-def pick_size():
-    "COURSE_SIZE if set, else `full` with a GPU and `medium` without; and the reason, to print."
+def pick_size(dev):
+    "COURSE_SIZE if set, else `full` on CUDA and `medium` on the CPU; and the reason, to print."
     if s := os.environ.get('COURSE_SIZE', '').strip().lower():
         if s not in ('quick', 'medium', 'full'): sys.exit(f"COURSE_SIZE={s!r}, expected one of 'quick', 'medium', 'full'")
         return s, 'COURSE_SIZE is set'
-    return ('full', 'a GPU is present') if gpu() else ('medium', 'no GPU was found (full size is for a GPU box)')
+    return ('full', f'the lessons train on {dev}') if dev.type == 'cuda' else ('medium', f'the lessons train on {dev} (full size is for a GPU)')
 
-def default_flags(size):
+def default_flags(dev):
     if 'COURSE_FLAGS' in os.environ: return set(os.environ['COURSE_FLAGS'].split())
-    return ({'slow'} if size == 'full' else set()) | ({'cuda'} if gpu() else set())
+    return {'cuda'} if dev.type == 'cuda' else set()
 
 _head = re.compile(r'^headline: (.*?) = (.*?)(?: \(2018: (.*)\))?$')
 
@@ -155,17 +159,22 @@ headline figures stand beside the 2018 lesson's where the lesson gave one.</p>
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--out', required=True, help='folder for the executed notebooks, their HTML pages and the summary')
+    p.add_argument('--out', help='folder for the executed notebooks, their HTML pages and the summary (default: COURSE_RUN_DIR, '
+                                 'else runs/<date>-<size>)')
     p.add_argument('--timeout', type=int, default=None, help='seconds allowed per cell (default: no limit)')
     p.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/[0-9]*.ipynb)')
     a = p.parse_args()
-    size, why = pick_size()
+    from course_lib.core import gpu_note
+    if note := gpu_note(): print(note, flush=True)
+    dev = device()
+    size, why = pick_size(dev)
     os.environ['COURSE_SIZE'] = size
     os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'  # figures become image/png outputs
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out or os.environ.get('COURSE_RUN_DIR') or ROOT/'runs'/f'{time.strftime("%Y%m%d-%H%M%S")}-{size}')
+    out.mkdir(parents=True, exist_ok=True)
     nbs = [Path(n) for n in a.notebooks] or sorted(NBS.glob('[0-9]*.ipynb'))
     if missing := [str(n) for n in nbs if not n.is_file()]: sys.exit(f'no such notebook: {", ".join(missing)}')
-    flags = default_flags(size)
+    flags = default_flags(dev)
     print(f"COURSE_SIZE={size} ({why}); cell flags on: {' '.join(sorted(flags)) or 'none'}")
     print(f'Running {len(nbs)} notebooks into {out}', flush=True)
     rows, t0 = [], time.time()

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The test command (what .ci/run calls): set up .venv, check course_lib/ is exactly what nbdev_export makes
-# from nbs/, run every notebook with nbdev_test, then the pytest suite. Defaults to the quick lesson size.
+# The test command (what .ci/run calls): set up .venv, check course_lib/ is exactly what nbdev_export makes from nbs/,
+# then run every notebook with nbdev_test and the pytest suite, once per device of COURSE_TEST_DEVICES (space-separated):
+#   cpu      the lessons and tests on the CPU, as a laptop runs them
+#   standin  CUDA played on the CPU by tools/standin (it fails where a GPU would), with the `#| cuda` cells
+#   cuda     a real GPU, with the `#| cuda` cells
+# Default: `cuda` where torch can use a GPU, else `cpu standin`. Lesson size: COURSE_SIZE, default quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -9,7 +13,7 @@ export MPLBACKEND=${MPLBACKEND:-Agg}
 bin=.venv/bin
 start=$SECONDS
 
-echo "== 1/3 course_lib/ matches nbs/ (nbdev_export, then git diff)"
+echo "== course_lib/ matches nbs/ (nbdev_export, then git diff)"
 $bin/nbdev_export
 if ! git diff --exit-code --stat -- course_lib || [ -n "$(git status --porcelain -- course_lib)" ]; then
   git status --porcelain -- course_lib
@@ -17,13 +21,25 @@ if ! git diff --exit-code --stat -- course_lib || [ -n "$(git status --porcelain
   exit 1
 fi
 
-echo "== 2/3 notebooks (nbdev_test, COURSE_SIZE=$COURSE_SIZE, cell flags: '${COURSE_FLAGS:-}')"
-t=$SECONDS
-# nbdev_test runs one notebook per core at once: one torch thread each, or small models crawl from oversubscription
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $bin/nbdev_test --timing ${COURSE_FLAGS:+--flags "$COURSE_FLAGS"}
-echo "notebooks took $((SECONDS - t))s"
-
-echo "== 3/3 pytest"
-t=$SECONDS
-$bin/pytest -q -p no:cacheprovider tests
-echo "pytest took $((SECONDS - t))s; whole test command $((SECONDS - start))s"
+if [ -z "${COURSE_TEST_DEVICES:-}" ]; then
+  if $bin/python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then COURSE_TEST_DEVICES=cuda
+  else COURSE_TEST_DEVICES="cpu standin"; fi
+fi
+for dev in $COURSE_TEST_DEVICES; do
+  case $dev in
+    cpu)     env=(COURSE_DEVICE=cpu COURSE_STANDIN=); flags=${COURSE_FLAGS:-} ;;
+    standin) env=(COURSE_STANDIN=cuda "PYTHONPATH=$PWD/tools/standin${PYTHONPATH:+:$PYTHONPATH}"); flags=${COURSE_FLAGS-cuda} ;;
+    cuda)    env=(COURSE_STANDIN=); flags=${COURSE_FLAGS-cuda} ;;
+    *) echo "COURSE_TEST_DEVICES: unknown device '$dev', expected cpu, standin or cuda" >&2; exit 2 ;;
+  esac
+  echo "== $dev: notebooks (nbdev_test, COURSE_SIZE=$COURSE_SIZE, cell flags: '$flags')"
+  t=$SECONDS
+  # nbdev_test runs one notebook per core at once: one torch thread each, or small models crawl from oversubscription
+  env "${env[@]}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $bin/nbdev_test --timing ${flags:+--flags "$flags"}
+  echo "$dev: notebooks took $((SECONDS - t))s"
+  echo "== $dev: pytest"
+  t=$SECONDS
+  env "${env[@]}" $bin/pytest -q -p no:cacheprovider tests
+  echo "$dev: pytest took $((SECONDS - t))s"
+done
+echo "whole test command $((SECONDS - start))s ($COURSE_TEST_DEVICES)"
