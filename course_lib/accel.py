@@ -11,7 +11,7 @@ from .core import *
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['ScaledOpt', 'MixedPrecision', 'GradientAccumulation', 'GradientClipping']
+__all__ = ['ScaledOpt', 'MixedPrecision', 'GradientAccumulation', 'step_tensors', 'GradientClipping']
 
 # %% ../nbs/05c_accel.ipynb #44e53951
 class ScaledOpt():
@@ -70,13 +70,21 @@ class GradientAccumulation(Callback):
         self.k = 0
 
 # %% ../nbs/05c_accel.ipynb #813c83aa
+def step_tensors(opt):
+    "(key, tensor) of what an optimizer step changes on the device: each parameter with a gradient, and its state there."
+    for pg in opt.param_groups:
+        for p in pg['params']:
+            if p.grad is None: continue
+            yield p, p
+            for k,v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.device == p.device: yield (p, k), v
+
 class GradientClipping(Callback):
-    "Rescale each step's gradients to a global norm of at most `max_norm`; with `skip_nonfinite`, skip a step whose norm is nan or inf."
+    "Scale each step's gradients to a global norm of at most `max_norm`; with `skip_nonfinite`, a nan/inf norm's step changes nothing."
     _order = GradientAccumulation._order + 1  # after MixedPrecision and GradientAccumulation: the gradients the step will use
     def __init__(self, max_norm=1., skip_nonfinite=True):
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm > 0: raise ValueError(f'max_norm={max_norm!r}, expected a number > 0')
-        self.max_norm,self.skip_nonfinite = max_norm,skip_nonfinite
-    def begin_fit(self): self.acc = next((cb for cb in self.run.cbs if isinstance(cb, GradientAccumulation)), None)
+        self.max_norm,self.skip_nonfinite = check_real((0,), max_norm=max_norm),skip_nonfinite
+    def begin_fit(self): self.acc,self.ok = next((cb for cb in self.run.cbs if isinstance(cb, GradientAccumulation)), None),None
     def begin_epoch(self): self.steps,self.skipped = 0,0
     def after_backward(self):
         run = self.run
@@ -85,8 +93,17 @@ class GradientClipping(Callback):
         scaled = isinstance(run.opt, ScaledOpt)
         if scaled: run.opt.unscale_()
         norm = nn.utils.clip_grad_norm_(run.model.parameters(), self.max_norm)
-        if self.skip_nonfinite and not scaled and not torch.isfinite(norm):  # the scaler skips such steps itself
-            self.skipped += 1
-            raise CancelBatchException()
-    def after_epoch(self):
-        if self.skipped: warnings.warn(f'GradientClipping: {self.skipped} of {self.steps} steps of epoch {self.epoch} skipped: their gradient norm was nan or inf')
+        if self.skip_nonfinite and not scaled:  # the scaler skips such steps itself
+            self.ok,self.kept = norm.isfinite(),{k: t.detach().clone() for k,t in step_tensors(run.opt)}
+    @torch.no_grad()
+    def after_step(self):
+        if self.ok is None: return
+        for k,t in step_tensors(self.run.opt):  # state the step created: zeros, as a fresh buffer
+            t.copy_(torch.where(self.ok, t, self.kept[k] if k in self.kept else torch.zeros_like(t)))
+        self.skipped,self.ok,self.kept = self.skipped + ~self.ok,None,None  # counted on the device
+    def after_cancel_batch(self): self.ok = self.kept = None
+    def _tell(self, where):
+        n,steps,self.steps = (int(self.skipped) if self.steps else 0),self.steps,0  # the one read: once an epoch
+        if n: warnings.warn(f'GradientClipping: {n} of {steps} steps {where} changed nothing: their gradient norm was nan or inf')
+    def after_epoch(self): self._tell(f'of epoch {self.epoch}')
+    def after_fit(self): self._tell('of the epoch the fit stopped in')

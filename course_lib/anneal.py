@@ -32,30 +32,28 @@ def get_model_func(lr=0.5):
 
 # %% ../nbs/04_anneal.ipynb #3d26a037
 class Recorder(Callback):
-    "The learning rate of every parameter group and the loss of every training batch (`lrs`: the last group's)."
-    def begin_fit(self): self.group_lrs,self._losses = [[] for _ in self.opt.param_groups],[]
+    "The learning rate of each parameter group (`lrs[pg]`) and the loss of every training batch."
+    def begin_fit(self): self.lrs,self._losses = [[] for _ in self.opt.param_groups],[]
     def after_batch(self):
         run = self.run
         if not run.in_train: return
-        for lrs,pg in zip(self.group_lrs, run.opt.param_groups): lrs.append(pg['lr'])
+        for lrs,pg in zip(self.lrs, run.opt.param_groups): lrs.append(pg['lr'])
         self._losses.append(run.loss.detach())
-    @property
-    def lrs(self): return self.group_lrs[-1]
     @property
     def losses(self): return torch.stack(self._losses).float().cpu().tolist() if self._losses else []
     def plot_lr(self, pgid=-1, ax=None):
         ax = ax or plt.subplots()[1]
-        ax.plot(self.group_lrs[pgid]); ax.set_xlabel('batch'); ax.set_ylabel('lr')
+        ax.plot(self.lrs[pgid]); ax.set_xlabel('batch'); ax.set_ylabel('lr')
     def plot_loss(self, skip_last=0, ax=None):
         ax = ax or plt.subplots()[1]
         ax.plot(self.losses[:len(self._losses)-skip_last]); ax.set_xlabel('batch'); ax.set_ylabel('loss')
     def plot(self, skip_last=0, pgid=-1, ax=None):
         "Loss against learning rate, log scale: the LR finder's picture."
         ax, n = ax or plt.subplots()[1], len(self._losses)-skip_last
-        ax.plot(self.group_lrs[pgid][:n], self.losses[:n]); ax.set_xscale('log'); ax.set_xlabel('lr'); ax.set_ylabel('loss')
-    def state_dict(self): return {'group_lrs': self.group_lrs, 'losses': torch.stack(self._losses) if self._losses else torch.zeros(0)}
+        ax.plot(self.lrs[pgid][:n], self.losses[:n]); ax.set_xscale('log'); ax.set_xlabel('lr'); ax.set_ylabel('loss')
+    def state_dict(self): return {'lrs': self.lrs, 'losses': torch.stack(self._losses) if self._losses else torch.zeros(0)}
     def load_state_dict(self, sd, device=None):
-        self.group_lrs,self._losses = [list(o) for o in sd['group_lrs']],list(sd['losses'].to(device).unbind())
+        self.lrs,self._losses = [list(o) for o in sd['lrs']],list(sd['losses'].to(device).unbind())
 
 # %% ../nbs/04_anneal.ipynb #0b31b1fa
 class ParamScheduler(Callback):
@@ -158,16 +156,14 @@ class SGDW(optim.SGD):
     "SGD (momentum 0.9 by default) whose step first shrinks each weight by `lr*wd`, apart from the gradient; `wd` is a param-group hyper-parameter."
     def __init__(self, params, lr, momentum=0.9, wd=0., **kwargs):
         if 'weight_decay' in kwargs: raise TypeError("weight_decay is SGD's L2 penalty added to the gradient; SGDW takes wd (decoupled)")
-        if not wd >= 0: raise ValueError(f'wd={wd!r}, expected a weight decay >= 0')
+        check_real(wd=wd)
         super().__init__(params, lr=lr, momentum=momentum, **kwargs)
         self.defaults['wd'] = wd
         for pg in self.param_groups: pg.setdefault('wd', wd)
     @torch.no_grad()
     def step(self, closure=None):
         for pg in self.param_groups:
-            if pg['wd'] == 0: continue
-            for p in pg['params']:
-                if p.grad is not None: p.mul_(1 - pg['lr'] * pg['wd'])
+            if pg['wd'] and (ps := [p for p in pg['params'] if p.grad is not None]): torch._foreach_mul_(ps, 1 - pg['lr'] * pg['wd'])  # one call
         return super().step(closure)
 
 # %% ../nbs/04_anneal.ipynb #50789413
@@ -176,11 +172,14 @@ def _set_hyper(opt, name, v):
     if len(vs) != len(opt.param_groups): raise ValueError(f'{len(vs)} values of {name} for {len(opt.param_groups)} parameter groups, expected one, or one per group')
     for pg,x in zip(opt.param_groups, vs): pg[name] = x
 
-def fit_sgdr(learn, lr, n_cycle, cycle_len=None, cycle_mult=1, wd=None, cbs=None, metrics=None, silent=False):
-    "The 2018 `learn.fit(lr, n_cycle, cycle_len, cycle_mult, wds=wd)` on a `Runner` with `AvgStatsCallback(metrics)` and `cbs`: constant `lr` for `n_cycle` epochs, or `n_cycle` SGDR cycles; returns the `Runner`."
+def fit_sgdr(learn, lr, n_cycle, cycle_len=None, cycle_mult=1, wds=None, cbs=None, metrics=None, silent=False, **kwargs):
+    "The 2018 `learn.fit(lr, n_cycle, cycle_len, cycle_mult, wds)` on a `Runner`: `n_cycle` epochs at `lr`, or SGDR cycles."
+    if 'wd' in kwargs: raise TypeError(f"fit_sgdr takes the 2018 wds (an L2 penalty), not wd={kwargs['wd']!r}: a decoupled decay is the "
+                                       "optimizer's (SGDW(params, lr, wd=...)), about 1/(1-momentum) times stronger than the same wds")
+    if kwargs: raise TypeError(f'fit_sgdr got unexpected arguments {sorted(kwargs)}')
     if cycle_len is None: check_int(n_cycle=n_cycle)
     _set_hyper(learn.opt, 'lr', lr)
-    if wd is not None: _set_hyper(learn.opt, 'wd' if 'wd' in learn.opt.param_groups[0] else 'weight_decay', wd)
+    if wds is not None: _set_hyper(learn.opt, 'weight_decay', wds)
     sched = [] if cycle_len is None else [SGDRCallback(lr, 0., n_cycle, cycle_len, cycle_mult)]
     run = Runner([AvgStatsCallback(metrics, silent)] + listify(cbs) + sched)
     run.fit(n_cycle if cycle_len is None else sum(sgdr_cycles(n_cycle, cycle_len, cycle_mult)), learn)

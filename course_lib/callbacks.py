@@ -49,6 +49,9 @@ class Callback():
     def name(self):
         "Attribute name on the runner: the class name in snake case without the `Callback` suffix."
         return camel2snake(re.sub(r'Callback$', '', type(self).__name__) or 'callback')
+    def __call__(self, cb_name):
+        "Handle event `cb_name` as the course's callbacks answer `cb('begin_fit')`: True if the handler answered truthy."
+        return bool(_defines(self, cb_name) and getattr(self, cb_name)())
 
 # %% ../nbs/03_callbacks.ipynb #61072edb
 class TrainEvalCallback(Callback):
@@ -222,8 +225,7 @@ def _end_fit(self:Runner, err=None):
 # %% ../nbs/03_callbacks.ipynb #bafa1283
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step',
           'after_batch', 'begin_validate', 'after_epoch', 'after_fit',
-          'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train',
-          'after_cycle')  # fired by lesson 4's SGDRCallback after the last epoch of each cycle
+          'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train')  # the loop's; callbacks may fire more (lesson 4)
 
 class EventLogger(Callback):
     "Records (and optionally prints) every event in `EVENTS` it receives, in order, in `events`."

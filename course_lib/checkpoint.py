@@ -78,13 +78,11 @@ def save_checkpoint(run, fn):
     return fn
 
 # %% ../nbs/05g_checkpoint.ipynb #8b5bb095
-def _first_line(e): return (str(e).strip().splitlines() or [''])[0]
-
 def read_checkpoint(fn):
     "Load checkpoint `fn` to the CPU with `weights_only=True`; `CheckpointError` if it is unreadable, incomplete or fails its digest."
     if not Path(fn).is_file(): raise FileNotFoundError(f'checkpoint {fn} not found')
     try: sd = torch.load(fn, map_location='cpu', weights_only=True)
-    except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)}); it is truncated, corrupt or not a checkpoint') from e
+    except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({short_error(e)}); it is truncated, corrupt or not a checkpoint') from e
     if not isinstance(sd, dict) or (missing := [k for k in CKPT_KEYS if k not in sd]):
         raise CheckpointError(f'{fn}: not a course_lib checkpoint of version 2, missing {missing if isinstance(sd, dict) else CKPT_KEYS}')
     if (d := state_digest({k: v for k,v in sd.items() if k != 'digest'})) != sd['digest']:
@@ -115,7 +113,7 @@ def _check_cbs(run, cbs, dev, fn):
     "Load each callback's saved state into a copy of the callback, so a state that does not load is found before anything changes."
     for cb in _loadable(run, cbs):
         try: copy.copy(cb).load_state_dict(cbs[cb.name], device=dev)
-        except Exception as e: raise CheckpointError(f'{fn}: the saved state of callback {cb.name!r} does not load ({type(e).__name__}: {_first_line(e)})') from e
+        except Exception as e: raise CheckpointError(f'{fn}: the saved state of callback {cb.name!r} does not load ({short_error(e)})') from e
 
 # %% ../nbs/05g_checkpoint.ipynb #1d4e44d0
 def load_checkpoint(run, fn):
@@ -131,7 +129,7 @@ def load_checkpoint(run, fn):
         for s in sd['generators']: torch.Generator().set_state(s)
         _check_cbs(run, sd['cbs'], dev, fn)
     except CheckpointError: raise
-    except Exception as e: raise CheckpointError(f'{fn}: invalid checkpoint ({type(e).__name__}: {_first_line(e)})') from e
+    except Exception as e: raise CheckpointError(f'{fn}: invalid checkpoint ({short_error(e)})') from e
     if sd['epoch'] + 1 > run.epochs:
         raise CheckpointError(f'{fn}: saved after epoch {sd["epoch"] + 1}, but this fit lasts {run.epochs} epochs: resuming would train nothing '
                               "and keep that run's weights; fit for more epochs, or start without resume")
@@ -144,7 +142,7 @@ def load_checkpoint(run, fn):
 def _saved_epoch(fn):
     "The epoch checkpoint `fn` was saved after, read without loading its tensors."
     try: return torch.load(fn, map_location='cpu', weights_only=True, mmap=True)['epoch']
-    except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})') from e
+    except Exception as e: raise CheckpointError(f'{fn}: cannot read the checkpoint ({short_error(e)})') from e
 
 def load_weights(model, fn):
     "Only the model weights of checkpoint `fn` (validated first: a bad file leaves `model` untouched)."

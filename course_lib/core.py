@@ -11,9 +11,9 @@ from fastcore.test import *
 
 # %% auto #0
 __all__ = ['DRIVERS', 'SIZES', 'test_near', 'test_near_zero', 'test_between', 'listify', 'camel2snake', 'func_name', 'check_int',
-           'stats', 'default_device', 'model_device', 'nvidia_gpu', 'gpu_note', 'set_seed', 'deterministic',
-           'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank', 'unwrap', 'course_size', 'size_pick',
-           'headline']
+           'check_real', 'short_error', 'stats', 'default_device', 'model_device', 'nvidia_gpu', 'gpu_note', 'set_seed',
+           'deterministic', 'rng_states', 'set_rng_states', 'interactive', 'dist_on', 'rank', 'unwrap', 'course_size',
+           'size_pick', 'headline']
 
 # %% ../nbs/00_core.ipynb #f5ad95d1
 def _near(a, b, eps, rtol, where=''):
@@ -76,6 +76,21 @@ def check_int(lo=1, hi=None, /, **kw):
             raise ValueError(f'{k}={v!r}, expected an integer ' + (f'>= {lo}' if hi is None else f'from {lo} to {hi}'))
     vs = tuple(int(v) for v in kw.values())
     return vs[0] if len(vs) == 1 else vs
+
+# %% ../nbs/00_core.ipynb #74acf2ee
+def check_real(lo=0., hi=None, /, **kw):
+    "Each `name=value` of `kw` as a float, or a `ValueError` naming it unless it is a finite real >= `lo` (> `lo[0]` for a tuple), <= `hi`."
+    strict, lo = isinstance(lo, tuple), lo[0] if isinstance(lo, tuple) else lo
+    for k,v in kw.items():
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and (v > lo if strict else v >= lo) and (hi is None or v <= hi)
+        if not ok: raise ValueError(f'{k}={v!r}, expected a number ' + ('>' if strict else '>=') + f' {lo:g}' + ('' if hi is None else f' and <= {hi:g}'))
+    vs = tuple(float(v) for v in kw.values())
+    return vs[0] if len(vs) == 1 else vs
+
+def short_error(e, n=150):
+    "Exception `e` as `Type: first line of its message`, whitespace collapsed, at most `n` characters of message."
+    msg = ' '.join((str(e).strip().splitlines() or [''])[0].split())
+    return f'{type(e).__name__}: {msg[:n]}' + ('...' if len(msg) > n else '')
 
 # %% ../nbs/00_core.ipynb #a3ad6c1e
 def stats(x):

@@ -167,7 +167,7 @@ def load_cifar10():
     else:
         if offline(): raise _no_cifar('downloads are off (COURSE_OFFLINE=1)')  # else download the pickles: name is 'cifar10_python'
     try: folder = untar_data(name)
-    except DataNotFoundError as e: raise _no_cifar(f'the download failed: {str(e).splitlines()[0]}') from e
+    except DataNotFoundError as e: raise _no_cifar(f'the download failed: {short_error(e)}') from e
     arrs = _cached(folder, decode)
     return tuple(torch.from_numpy(arrs[k]) for k in CIFAR_KEYS)
 

@@ -80,9 +80,7 @@ class DistributedCallback(Callback):
     "Under `torchrun`: process group, DDP, a `DistributedSampler` per rank, all-reduced `AvgStatsCallback` sums, output on rank 0 only."
     _order,active = -5,False
     def __init__(self, backend=None, seed=0, timeout=None, sync_bn=False):
-        if timeout is not None and not isinstance(timeout, timedelta):
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0: raise ValueError(f'timeout={timeout!r}, expected seconds > 0 or a timedelta')
-            timeout = timedelta(seconds=timeout)
+        if timeout is not None and not isinstance(timeout, timedelta): timeout = timedelta(seconds=check_real((0,), timeout=timeout))
         self.backend,self.seed,self.timeout,self.sync_bn = backend,seed,timeout,sync_bn
     def begin_fit(self):
         self.active,self.ddp,self.quiet,self.swaps = False,None,[],[]

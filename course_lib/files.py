@@ -10,6 +10,7 @@ from pathlib import Path
 _umask = os.umask(0); os.umask(_umask)  # read once: the permissions a plain `open` would give
 try: import fcntl
 except ImportError: fcntl = None  # Windows: no locks, only atomic renames
+from .core import short_error
 
 # %% auto #0
 __all__ = ['atomic_write', 'locked', 'remove_temps', 'sha256sum', 'cached']
@@ -77,7 +78,7 @@ def _read_cached(path, key, load, quiet):
         if st.get('key') != key: why = f'made for {st.get("key")!r}, not {key!r}'
         elif sha256sum(path) != st['sha256']: why = f'its sha256 does not match {stamp.name}'
         else: return load(path)
-    except Exception as e: why = f'unreadable ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+    except Exception as e: why = f'unreadable ({short_error(e, 200)})'
     if not quiet: warnings.warn(f'{path}: {why}; making it again')
     return None
 

@@ -13,16 +13,14 @@ from .training import evaluating
 from .callbacks import *
 
 # %% auto #0
-__all__ = ['seq_nll', 'n_params', 'Char3Model', 'CharLoopModel', 'CharRnn', 'CharSeqRnn', 'repackage', 'fit_state',
-           'CharSeqStatefulRnn', 'ResetState', 'CharSeqStatefulRnn2', 'rnn_cell', 'gru_cell', 'lstm_cell', 'RnnCell',
-           'GruCell', 'LstmCell', 'CharSeqStatefulGRU', 'CharSeqStatefulLSTM', 'get_next_n', 'get_next']
+__all__ = ['seq_nll', 'Char3Model', 'CharLoopModel', 'CharRnn', 'CharSeqRnn', 'repackage', 'fit_state', 'CharSeqStatefulRnn',
+           'ResetState', 'CharSeqStatefulRnn2', 'rnn_cell', 'gru_cell', 'lstm_cell', 'RnnCell', 'GruCell', 'LstmCell',
+           'CharSeqStatefulGRU', 'CharSeqStatefulLSTM', 'get_next_n', 'get_next']
 
 # %% ../nbs/06a_rnn.ipynb #b6a10009
 def seq_nll(pred, yb):
     "Negative log-likelihood of log-probabilities `pred` (`N × V`) and targets `yb`, flattened to `N`."
     return F.nll_loss(pred, yb.reshape(-1))
-
-def n_params(model): return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/06a_rnn.ipynb #b6a10012
 class Char3Model(nn.Module):

@@ -13,7 +13,7 @@ from .cuda import *
 from .hooks import Hooks
 
 # %% auto #0
-__all__ = ['Summary', 'model_summary']
+__all__ = ['Summary', 'n_params', 'model_summary']
 
 # %% ../nbs/05e_summary.ipynb #7162d4d5
 def _shape(o): return 'x'.join(map(str, o.shape[1:])) if isinstance(o, torch.Tensor) else ', '.join(_shape(t) for t in o)
@@ -27,15 +27,19 @@ class Summary():
         lines += [f"{f'{n} ({t})':<{w}}  {s:<16}{p:>10,}{tp:>11,}" for n,t,s,p,tp in self.rows]
         return '\n'.join(lines + [f'Total params: {self.total:,} (trainable: {self.trainable:,})'])
 
-def _nparams(m, trainable=False): return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+def n_params(m, trainable=False):
+    "How many parameters module `m` has (only those that require a gradient if `trainable`)."
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
 
-def model_summary(run, learn, data=None, find_all=False, mods=None):
-    "Output shape and parameters of each child of the model (each leaf module if `find_all`, or `mods`) on a validation batch of `data`."
+def model_summary(run, learn, data=None, find_all=False, mods=None, show=True):
+    "Print (if `show`) and return each child's (leaf's if `find_all`, or `mods`') output shape and parameters on a batch of `data`."
     model, dl = learn.model, learn.data.valid_dl if data is None else getattr(data, 'valid_dl', data)
     names = {m: n for n, m in model.named_modules()}
     if mods is None: mods = [m for m in model.modules() if not list(m.children())] if find_all else list(model.children()) or [model]
     xb, yb = prepare_batch(run.cbs, *next(iter(dl)))
     rows = []
-    def f(hook, mod, inp, outp): rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), _nparams(mod), _nparams(mod, True)))
+    def f(hook, mod, inp, outp): rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), n_params(mod), n_params(mod, True)))
     with Hooks(mods, f), evaluating(model), torch.no_grad(): model(xb.to(model_device(model)))
-    return Summary(rows, _nparams(model), _nparams(model, True))
+    smry = Summary(rows, n_params(model), n_params(model, True))
+    if show: print(smry)
+    return smry

@@ -23,14 +23,13 @@ from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal, SGDW, fit
 from .cuda import DeviceCallback, BatchTransformXCallback
 from .hooks import children
 from .checkpoint import state_digest
-from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, AugmentCallback
+from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, AugmentCallback, pipeline_cbs, side_on
 
 # %% auto #0
 __all__ = ['RESNETS', 'IMAGENET_STATS', 'LITE_STATS', 'KINDS', 'dogscats_sizes', 'resnet_weights', 'weights_path', 'check_digest',
            'read_weights', 'load_into', 'imagenet_state', 'effnet_file', 'effnet_groups', 'effnet_body', 'models_dir',
-           'cifar_resnet', 'Weights', 'pretrained_body', 'dogscats_data', 'warp', 'lighting', 'side_on', 'dogscats_cbs',
-           'body_groups', 'cam_model', 'freeze_to', 'unfreeze', 'bn_freeze', 'frozen_bns', 'BnFreeze', 'fine_tune',
-           'dogscats_model']
+           'cifar_resnet', 'Weights', 'pretrained_body', 'dogscats_data', 'dogscats_cbs', 'body_groups', 'cam_model',
+           'freeze_to', 'unfreeze', 'bn_freeze', 'frozen_bns', 'BnFreeze', 'fine_tune', 'dogscats_model']
 
 # %% ../nbs/08_transfer.ipynb #f8d166dc
 def dogscats_sizes():
@@ -198,37 +197,10 @@ def dogscats_data(sz, bs, n_train=None, seed=0, **kwargs):
     data.classes = valid_ds.classes
     return data
 
-# %% ../nbs/08_transfer.ipynb #62e025af
-def warp(xb, zoom, deg, flip, shift):
-    "Each image of `xb` (bs×c×h×w) zoomed in `zoom` times (≥ 1) on a window moved by `shift` (bs×2, (y, x) as a share of the room the zoom leaves, -1 to 1), rotated by `deg` degrees, flipped left-right where `flip`: one bilinear resampling, borders reflected."
-    bs, _, h, w = xb.shape
-    a, s = torch.deg2rad(deg.float()), 1 / zoom.float()
-    cos, sin, f = a.cos() * s, a.sin() * s, 1 - 2 * flip.float()
-    theta = torch.stack([torch.stack([cos * f, -sin * h / w, shift[:, 1] * (1 - s)], 1),
-                         torch.stack([sin * w / h * f, cos, shift[:, 0] * (1 - s)], 1)], 1)
-    grid = F.affine_grid(theta, (bs, 1, h, w), align_corners=False)
-    return F.grid_sample(xb.float(), grid, mode='bilinear', padding_mode='reflection', align_corners=False)
-
-def lighting(xb, b, c):
-    "fastai 0.7's `lighting` for images on a 0-255 scale: contrast times `c` about each image's mean, brightness plus `b` (in [0, 1] units), clipped."
-    mu = xb.float().mean((1, 2, 3), keepdim=True)
-    return ((xb - mu) * c.view(-1, 1, 1, 1) + mu + 255 * b.view(-1, 1, 1, 1)).clamp(0, 255)
-
 # %% ../nbs/08_transfer.ipynb #766e91bb
-def side_on(xb, max_zoom=1.1, deg=10., light=0.05, p=0.75, generator=None):
-    "The 2018 `transforms_side_on` with `max_zoom` on a batch (0-255, any device), drawn per image: zoom in by U(1, `max_zoom`) at a random place and rotate by U(-`deg`, `deg`) degrees, each with probability `p`; flip left-right with probability 1/2; brightness and contrast each moved by up to `light`."
-    dev = xb.device if generator is None else generator.device
-    u = torch.rand(len(xb), 9, generator=generator, device=dev).to(xb.device)
-    zoom = torch.where(u[:, 0] < p, 1 + (max_zoom - 1) * u[:, 1], 1.)
-    deg = torch.where(u[:, 2] < p, (2 * u[:, 3] - 1) * deg, 0.)
-    b, c = (2 * u[:, 7] - 1) * light, (2 * u[:, 8] - 1) * light
-    return lighting(warp(xb, zoom, deg, u[:, 4] < 0.5, 2 * u[:, 5:7] - 1), b, torch.where(c < 0, -1 / (c - 1), c + 1))
-
 def dogscats_cbs(norm, max_zoom=1.1, seed=None, device=None):
-    "The lesson's batch pipeline: `DeviceCallback` (channels last), `AugmentCallback(side_on)` on training batches (seeded if `seed` is given), `BatchTransformXCallback(norm)`."
-    dcb = DeviceCallback(device, channels_last=True)
-    g = None if seed is None else torch.Generator(dcb.device).manual_seed(seed)
-    return [dcb, AugmentCallback(partial(side_on, max_zoom=max_zoom, generator=g)), BatchTransformXCallback(norm)]
+    "The lesson's batch pipeline: lesson 7's `pipeline_cbs` around `side_on` (channels last)."
+    return pipeline_cbs(norm, partial(side_on, max_zoom=max_zoom), seed, device, channels_last=True)
 
 # %% ../nbs/08_transfer.ipynb #2c8a0dc3
 def _is_effnet(m):

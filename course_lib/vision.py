@@ -17,8 +17,8 @@ from .callbacks import *
 from .cuda import DeviceCallback, BatchTransformXCallback, prepare_batch
 
 # %% auto #0
-__all__ = ['cifar_stats', 'Normalize', 'cifar_data', 'reflect', 'pad_reflect', 'flip_pad_crop', 'AugmentCallback', 'cifar_cbs',
-           'get_preds', 'tta']
+__all__ = ['cifar_stats', 'Normalize', 'cifar_data', 'cifar_norm', 'reflect', 'pad_reflect', 'draw', 'flip_pad_crop', 'warp',
+           'lighting', 'side_on', 'AugmentCallback', 'pipeline_cbs', 'cifar_cbs', 'get_preds', 'tta']
 
 # %% ../nbs/07_cifar.ipynb #fb1579ce
 def cifar_stats(x, bs=10_000):
@@ -71,6 +71,13 @@ def cifar_data(bs=128, n_train=None, n_valid=None, seed=0, **kwargs):
     (x, y), (xv, yv) = _subset(x, y, n_train, g, 'n_train'), _subset(xv, yv, n_valid, g, 'n_valid')
     return DataBunch(batch_dl(Dataset(x, y), bs, shuffle=True, generator=g, **kwargs), batch_dl(Dataset(xv, yv), 2*bs, **kwargs), c=10)
 
+@cache
+def _train_stats(): return cifar_stats(_load_cifar10()[0])
+
+def cifar_norm():
+    "`Normalize` with the per-channel statistics of all 50,000 CIFAR-10 training images (computed once per process)."
+    return Normalize(*_train_stats())
+
 # %% ../nbs/07_cifar.ipynb #3c7e2a01
 def reflect(i, n):
     "Positions `i` (a tensor of ints, any values) on an axis of length `n`, mirrored back into 0..n-1 with the edge repeated (OpenCV's `BORDER_REFLECT`, numpy's 'symmetric')."
@@ -85,19 +92,48 @@ def pad_reflect(xb, pad):
     return xb[..., r[:, None], c]
 
 # %% ../nbs/07_cifar.ipynb #d14a6256
+def draw(n, k, generator=None, device=None):
+    "`n`×`k` numbers uniform in [0, 1) on `device`, drawn on `generator`'s device (without one: `device`'s default generator)."
+    return torch.rand(n, k, generator=generator, device=device if generator is None else generator.device).to(device)
+
 def flip_pad_crop(xb, pad=None, generator=None):
-    "Per image of `xb` (bs×c×h×w, any dtype): pad by `pad` (default `h//8`) by reflection (`pad_reflect`), crop back to h×w at a random offset, flip left-right with probability 1/2."
+    "Each image of `xb` (bs×c×h×w) padded by `pad` (`h//8`) by reflection, cropped back at a random offset, flipped half the time."
     if xb.dim() != 4: raise ValueError(f'xb has shape {tuple(xb.shape)}, expected a batch of images bs×c×h×w')
     bs, c, h, w = xb.shape
     pad = h // 8 if pad is None else check_int(0, pad=pad)
-    dev = xb.device if generator is None else generator.device
-    dy, dx = torch.randint(0, 2*pad + 1, (2, bs), generator=generator, device=dev).to(xb.device)
-    flip = (torch.rand(bs, generator=generator, device=dev) < 0.5).to(xb.device)
+    u = draw(bs, 3, generator, xb.device)
+    dy, dx = (u[:, :2] * (2*pad + 1)).long().clamp_max(2*pad).unbind(1)  # each offset from 0 to 2*pad
+    flip = u[:, 2] < 0.5
     rows = reflect(dy[:, None] - pad + torch.arange(h, device=xb.device), h)  # bs×h
     cols = reflect(dx[:, None] - pad + torch.arange(w, device=xb.device), w)  # bs×w
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     out = xb[torch.arange(bs, device=xb.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # stored bs×h×w×c
     return out if xb.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+# %% ../nbs/07_cifar.ipynb #21bbc957
+def warp(xb, zoom, deg, flip, shift):
+    "Each image of `xb` zoomed `zoom` times (≥ 1) on a window moved by `shift` (bs×2, -1 to 1), turned `deg` degrees, flipped where `flip`."
+    bs, _, h, w = xb.shape
+    a, s = torch.deg2rad(deg.float()), 1 / zoom.float()
+    cos, sin, f = a.cos() * s, a.sin() * s, 1 - 2 * flip.float()
+    theta = torch.stack([torch.stack([cos * f, -sin * h / w, shift[:, 1] * (1 - s)], 1),
+                         torch.stack([sin * w / h * f, cos, shift[:, 0] * (1 - s)], 1)], 1)
+    grid = F.affine_grid(theta, (bs, 1, h, w), align_corners=False)
+    return F.grid_sample(xb.float(), grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+
+def lighting(xb, b, c):
+    "fastai 0.7's `lighting` on a 0-255 scale: contrast times `c` about each image's mean, brightness plus `b` (in [0, 1] units)."
+    mu = xb.float().mean((1, 2, 3), keepdim=True)
+    return ((xb - mu) * c.view(-1, 1, 1, 1) + mu + 255 * b.view(-1, 1, 1, 1)).clamp(0, 255)
+
+# %% ../nbs/07_cifar.ipynb #ca33b518
+def side_on(xb, max_zoom=1.1, deg=10., light=0.05, p=0.75, generator=None):
+    "The 2018 `transforms_side_on` per image of `xb` (0-255): zoom, turn (each with probability `p`), flip, lighting."
+    u = draw(len(xb), 9, generator, xb.device)
+    zoom = torch.where(u[:, 0] < p, 1 + (max_zoom - 1) * u[:, 1], 1.)
+    deg = torch.where(u[:, 2] < p, (2 * u[:, 3] - 1) * deg, 0.)
+    b, c = (2 * u[:, 7] - 1) * light, (2 * u[:, 8] - 1) * light
+    return lighting(warp(xb, zoom, deg, u[:, 4] < 0.5, 2 * u[:, 5:7] - 1), b, torch.where(c < 0, -1 / (c - 1), c + 1))
 
 # %% ../nbs/07_cifar.ipynb #920625bf
 class AugmentCallback(BatchTransformXCallback):
@@ -106,11 +142,15 @@ class AugmentCallback(BatchTransformXCallback):
     def begin_batch(self):
         if self.in_train: super().begin_batch()
 
-def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
-    "The CIFAR pipeline as callbacks: `DeviceCallback`, `AugmentCallback(flip_pad_crop)` (if `aug`; seeded if `seed` is given) and `BatchTransformXCallback(norm)`."
+def pipeline_cbs(norm, tfm=None, seed=None, device=None, channels_last=False):
+    "`DeviceCallback`, `AugmentCallback(tfm)` if `tfm` (a generator on the device if `seed`), `BatchTransformXCallback(norm)`."
     dcb = DeviceCallback(device, channels_last)
     g = None if seed is None else torch.Generator(dcb.device).manual_seed(seed)
-    return [dcb] + ([AugmentCallback(partial(flip_pad_crop, generator=g))] if aug else []) + [BatchTransformXCallback(norm)]
+    return [dcb] + ([AugmentCallback(partial(tfm, generator=g))] if tfm else []) + [BatchTransformXCallback(norm)]
+
+def cifar_cbs(norm, aug=True, seed=None, device=None, channels_last=False):
+    "The CIFAR pipeline: `pipeline_cbs` with `flip_pad_crop` as the augmentation (if `aug`)."
+    return pipeline_cbs(norm, flip_pad_crop if aug else None, seed, device, channels_last)
 
 # %% ../nbs/07_cifar.ipynb #b56eedb3
 def get_preds(model, dl, cbs=(), aug=False):

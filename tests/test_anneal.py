@@ -62,9 +62,8 @@ def test_param_scheduler_each_group_own_schedule():
     rec, n = run.recorder, run.n_iter
     assert n == 20
     pos = [i / 20 for i in range(20)]
-    assert rec.group_lrs[0] == pytest.approx([lin(p) for p in pos])
-    assert rec.group_lrs[1] == pytest.approx([cos(p) for p in pos])
-    assert rec.lrs is rec.group_lrs[1]
+    assert rec.lrs[0] == pytest.approx([lin(p) for p in pos])
+    assert rec.lrs[1] == pytest.approx([cos(p) for p in pos])
     assert all(pg['momentum'] == pytest.approx(sched_lin(0.8, 0.9)(19 / 20)) for pg in opt.param_groups)
 
 def test_param_scheduler_checks_inputs():
@@ -96,17 +95,17 @@ def test_param_scheduler_accepts_any_real_scalar():
         model = bn_model()
         run = Runner(cbs=[Recorder(), ParamScheduler('lr', f)])
         run.fit(1, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
-        assert all(type(o) is float for o in run.recorder.lrs), name
+        assert all(type(o) is float for o in run.recorder.lrs[-1]), name
         pos = [sum([0.1] * i) for i in range(10)]  # n_epochs, summed batch by batch as TrainEvalCallback does
-        assert run.recorder.lrs == pytest.approx([float(f(p)) for p in pos]), name
+        assert run.recorder.lrs[-1] == pytest.approx([float(f(p)) for p in pos]), name
 
 def test_recorder_keeps_tensors_and_converts_lazily():
     run = Runner(cbs=[Recorder, partial(AvgStatsCallback, accuracy, silent=True)])
     run.fit(2, Learner(bn_model(), optim.SGD(bn_model().parameters(), 0.1), F.cross_entropy, make_data()))
     rec = run.recorder
     assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in rec._losses)
-    assert len(rec.losses) == len(rec.lrs) == run.n_iter == 20
-    assert all(type(o) is float for o in rec.losses + rec.lrs)
+    assert len(rec.losses) == len(rec.lrs[-1]) == run.n_iter == 20
+    assert all(type(o) is float for o in rec.losses + rec.lrs[-1])
 
 
 def test_default_callbacks_sync_a_number_of_times_independent_of_batches(monkeypatch):
@@ -134,7 +133,7 @@ def test_sgdr_fires_after_cycle_after_each_cycle():
     run = Runner(cbs=[Recorder(), SGDRCallback(0.1, 0.001, n_cycles=3, cycle_len=1, cycle_mult=2), Log()])
     run.fit(7, Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data()))
     assert run.log.ends == [(0, 0), (1, 2), (2, 6)]
-    lrs = run.recorder.lrs
+    lrs = run.recorder.lrs[-1]
     assert [lrs[i] for i in (0, 10, 30)] == pytest.approx([0.1] * 3)  # restarts
     assert lrs[9] < 0.004 and lrs[29] < 0.002 and lrs[69] < 0.002  # the last batch of each cycle is close to min_lr
     assert SGDRCallback(0.1).ends == [1, 2, 3] and sgdr_cycles(4) == [1, 1, 1, 1]  # fastai 0.7's default: cycle_mult=1
@@ -174,7 +173,7 @@ def test_lr_find_restores_everything(cls, kw):
     before = _snapshot(model, opt)
     assert int(model[1].num_batches_tracked) > 0 and any(k[0] == 's' for k in before[0])
     rec = lr_find(Learner(model, opt, F.cross_entropy, data), max_iter=30, min_lr=1e-4, max_lr=100)
-    assert 2 <= len(rec.lrs) <= 30
+    assert 2 <= len(rec.lrs[-1]) <= 30
     after = _snapshot(model, opt)
     _assert_same(before, after)
 
@@ -182,7 +181,7 @@ def test_lr_find_sweep_is_exponential_and_stops_on_explosion():
     model = bn_model()
     data = make_data(n_train=400, bs=8)
     rec = lr_find(Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, data), max_iter=100, min_lr=1e-3, max_lr=1e4)
-    lrs, losses = rec.lrs, rec.losses
+    lrs, losses = rec.lrs[-1], rec.losses
     assert lrs[0] == pytest.approx(1e-3)
     assert [lrs[i + 1] / lrs[i] for i in range(len(lrs) - 1)] == pytest.approx([(1e7) ** (1 / 99)] * (len(lrs) - 1))
     assert len(lrs) < 100 and (losses[-1] > 10 * min(losses[:-1]) or not math.isfinite(losses[-1]))
@@ -229,11 +228,11 @@ def test_lr_find_takes_max_iter_steps_and_never_steps_on_an_exploded_loss():
     learn = Learner(model, optim.SGD(model.parameters(), 0.1), F.cross_entropy, make_data(n_train=80, bs=8))  # 10 batches an epoch
     counts = _Counts()
     rec = lr_find(learn, max_iter=25, min_lr=1e-6, max_lr=1e-5, cbs=counts)  # too gentle to explode; 3 epochs
-    assert (counts.steps, len(rec.lrs), counts.valid) == (25, 25, 0)
-    assert rec.lrs[-1] == pytest.approx(1e-5) and rec.lrs[0] == pytest.approx(1e-6)
+    assert (counts.steps, len(rec.lrs[-1]), counts.valid) == (25, 25, 0)
+    assert rec.lrs[-1][-1] == pytest.approx(1e-5) and rec.lrs[-1][0] == pytest.approx(1e-6)
     counts = _Counts()
     rec = lr_find(learn, max_iter=100, min_lr=1e-2, max_lr=1e6, cbs=counts)
-    assert len(rec.lrs) < 100 and counts.steps == len(rec.lrs) - 1
+    assert len(rec.lrs[-1]) < 100 and counts.steps == len(rec.lrs[-1]) - 1
     assert rec.losses[-1] > 10 * min(rec.losses[:-1]) or not math.isfinite(rec.losses[-1])
 
 # --- the 2018 fit, once (issue 21)
@@ -245,13 +244,13 @@ def test_fit_sgdr_trains_to_the_weights_of_the_runner_spelled_out():
         model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
         return Learner(model, opt_func(model.parameters(), lr=0.5), F.cross_entropy, make_data(seed=0, generator=torch.Generator().manual_seed(5)))
     a, b = learner(SGDW), learner(SGDW)
-    run = fit_sgdr(a, 0.1, 3, cycle_len=1, cycle_mult=2, wd=1e-3, metrics=accuracy, silent=True)
-    for pg in b.opt.param_groups: pg['lr'], pg['wd'] = 0.1, 1e-3
+    run = fit_sgdr(a, 0.1, 3, cycle_len=1, cycle_mult=2, wds=1e-3, metrics=accuracy, silent=True)
+    for pg in b.opt.param_groups: pg['lr'], pg['weight_decay'] = 0.1, 1e-3
     Runner([AvgStatsCallback(accuracy, silent=True), SGDRCallback(0.1, 0., 3, cycle_len=1, cycle_mult=2)]).fit(7, b)
     for p, q in zip(a.model.parameters(), b.model.parameters()): assert torch.equal(p, q)
     assert len(run.avg_stats.history) == 7 and 'valid_accuracy' in run.avg_stats.history[-1]
     c = learner(partial(optim.Adam))
-    rec = fit_sgdr(c, [0.01], 2, wd=1e-5, cbs=[Recorder()], silent=True).recorder
-    assert set(rec.lrs) == {0.01} and len(rec.lrs) == 2 * len(c.data.train_dl) and c.opt.param_groups[0]['weight_decay'] == 1e-5
+    rec = fit_sgdr(c, [0.01], 2, wds=1e-5, cbs=[Recorder()], silent=True).recorder
+    assert set(rec.lrs[-1]) == {0.01} and len(rec.lrs[-1]) == 2 * len(c.data.train_dl) and c.opt.param_groups[0]['weight_decay'] == 1e-5
     with pytest.raises(ValueError, match='n_cycle=0'): fit_sgdr(c, 0.01, 0)
     with pytest.raises(ValueError, match='2 values of lr for 1 parameter groups'): fit_sgdr(c, [0.1, 0.2], 1)

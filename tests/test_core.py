@@ -29,11 +29,13 @@ def test_size_pick_is_keyword_only_and_needs_every_size(monkeypatch):
     with pytest.raises(TypeError, match='positional'): size_pick(1, 2, 3)
     with pytest.raises(TypeError, match="'medium'"): size_pick(quick=1, full=2)
 
-def test_size_unset_is_full_with_a_gpu_else_medium(monkeypatch):
-    monkeypatch.delenv('COURSE_SIZE', raising=False)
+def test_size_unset_follows_the_device_the_lessons_use(monkeypatch):
+    monkeypatch.delenv('COURSE_SIZE', raising=False); monkeypatch.delenv('COURSE_DEVICE', raising=False)
     assert course_size() == ('full' if torch.cuda.is_available() else 'medium')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     assert course_size() == 'full' and size_pick(quick=1, medium=3, full=2) == 2
+    monkeypatch.setenv('COURSE_DEVICE', 'cpu')  # a GPU box told to train on its CPU: the CPU's size
+    assert course_size() == 'medium'
 
 def test_size_pick_bad(monkeypatch):
     monkeypatch.setenv('COURSE_SIZE', 'huge')

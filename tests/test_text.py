@@ -83,7 +83,7 @@ def test_sgdr_ends_each_cycle_at_its_minimum():
     lm_loss = lambda pred, yb: F.cross_entropy(pred.view(-1, 20), yb)
     run = Runner(cb_funcs=[Recorder, partial(AvgStatsCallback, [], silent=True), partial(SGDRCallback, 0.1, 0.001, 3, cycle_mult=2)])
     run.fit(sum(sgdr_cycles(3, cycle_mult=2)), Learner(model, optim.Adam(model.parameters(), 0.1), lm_loss, data))
-    lrs = run.recorder.lrs
+    lrs = run.recorder.lrs[-1]
     ends = [i - 1 for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1]] + [len(lrs) - 1]
     assert len(ends) == 3
     for i in ends: assert 0.001 <= lrs[i] < 0.001 + 1e-4

@@ -13,6 +13,7 @@ from course_lib.checkpoint import state_digest
 import course_lib.files as files
 import course_lib.transfer as tr
 from course_lib.transfer import *
+from course_lib.vision import warp, lighting, side_on
 
 
 def small_model(seed=0, arch='resnet18'):
