@@ -51,7 +51,7 @@ class Callback():
         return camel2snake(re.sub(r'Callback$', '', type(self).__name__) or 'callback')
     def __call__(self, cb_name):
         "Handle event `cb_name` as the course's callbacks answer `cb('begin_fit')`: True if the handler answered truthy."
-        return bool(_defines(self, cb_name) and getattr(self, cb_name)())
+        return bool((cb_name in vars(self) or hasattr(type(self), cb_name)) and getattr(self, cb_name)())
 
 # %% ../nbs/03_callbacks.ipynb #61072edb
 class TrainEvalCallback(Callback):

@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from .core import *
-from .files import atomic_write
+from .files import atomic_write, state_digest
 from .training import loader_generators
 from .callbacks import *
 from .safety import shape_of
 
 # %% auto #0
-__all__ = ['CKPT_KEYS', 'CheckpointError', 'checkpoint_state', 'state_digest', 'save_checkpoint', 'read_checkpoint',
+__all__ = ['CKPT_KEYS', 'CheckpointError', 'checkpoint_state', 'save_checkpoint', 'read_checkpoint', 'check_fits', 'load_into',
            'load_checkpoint', 'load_weights', 'Checkpoint']
 
 # %% ../nbs/05g_checkpoint.ipynb #7a2a4787
@@ -41,23 +41,6 @@ def checkpoint_state(run):
             'epoch': run.epoch, 'n_epochs': float(run.n_epochs), 'n_iter': run.n_iter, 'rng': _all_rngs(),
             'generators': [g.get_state() for g in loader_generators(run.data.train_dl)],
             'cbs': {cb.name: cb.state_dict() for cb in run.cbs if callable(getattr(type(cb), 'state_dict', None))}}
-
-def state_digest(sd):
-    "The sha256 of a checkpoint's content: its structure, keys and numbers, and the bytes of every tensor."
-    h = hashlib.sha256()
-    def add(o):
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f'T{t.dtype}{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(o, dict):
-            h.update(f'D{len(o)}'.encode())
-            for k,v in o.items(): h.update(repr(k).encode()); add(v)
-        elif isinstance(o, (list, tuple)):
-            h.update(f'L{len(o)}'.encode())
-            for v in o: add(v)
-        else: h.update(f'{type(o).__name__}:{o!r}'.encode())
-    add(sd)
-    return h.hexdigest()
 
 def _disk_full(e):
     "The ENOSPC or EDQUOT `OSError` behind exception `e` (torch reports a failed write as a RuntimeError), else None."
@@ -89,11 +72,23 @@ def read_checkpoint(fn):
         raise CheckpointError(f'{fn}: the content does not match its digest (stored {str(sd["digest"])[:64]}, computed {d}): the file is corrupt')
     return sd
 
-def _check_model(model, sd, fn):
+def check_fits(model, sd, where, what="this model's weights", err=ValueError):
+    "Unless state dict `sd` fits `model` (keys, shapes), raise `err` naming `where`, what does not fit, and `what` was expected."
+    if not isinstance(sd, dict): raise err(f'{where} holds a {type(sd).__name__}, not a state dict; expected {what}')
     own = model.state_dict()
-    if set(own) != set(sd): raise CheckpointError(f'{fn}: the model has keys {sorted(set(own) - set(sd))[:5]} missing from the checkpoint, which has unexpected {sorted(set(sd) - set(own))[:5]}')
-    if bad := [(k, shape_of(sd[k]), shape_of(v)) for k,v in own.items() if isinstance(v, torch.Tensor) and (not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape)]:
-        raise CheckpointError(f'{fn}: shapes differ (key, checkpoint, model): {bad[:5]}')
+    missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shapes = [k for k,v in own.items() if k in sd and isinstance(v, torch.Tensor) and getattr(sd[k], 'shape', None) != v.shape]
+    if missing or extra or shapes:
+        eg = lambda ks: f' (e.g. {ks[0]})' if ks else ''
+        other = f' (e.g. {shapes[0]}: {shape_of(sd[shapes[0]])}, the model {shape_of(own[shapes[0]])})' if shapes else ''
+        raise err(f'{where} does not fit: {len(missing)} weights missing{eg(missing)}, {len(extra)} unexpected{eg(extra)}, '
+                  f'{len(shapes)} of another shape{other}; expected {what}')
+
+def load_into(model, sd, where, what="this model's weights"):
+    "Load state dict `sd` (read from `where`) into `model` once `check_fits` passes; return `model`."
+    check_fits(model, sd, where, what)
+    model.load_state_dict(sd)
+    return model
 
 def _check_opt(opt, sd, cls, fn):
     if cls != _opt_class(opt): raise CheckpointError(f'{fn}: saved with a {cls} optimizer, the learner has {_opt_class(opt)}')
@@ -122,7 +117,7 @@ def load_checkpoint(run, fn):
     model,opt,gens,rngs = unwrap(run.model),run.opt,loader_generators(run.data.train_dl),sd['rng']
     dev = model_device(model)
     try:
-        _check_model(model, sd['model'], fn); _check_opt(opt, sd['opt'], sd['opt_class'], fn)
+        check_fits(model, sd['model'], fn, err=CheckpointError); _check_opt(opt, sd['opt'], sd['opt_class'], fn)
         if not isinstance(rngs, list) or not rngs: raise CheckpointError(f'{fn}: expected a list of generator states, one per process, found {type(rngs).__name__}')
         for s in rngs: set_rng_states(s, check=True)
         if len(sd['generators']) != len(gens): raise CheckpointError(f'{fn}: {len(sd["generators"])} loader generators saved, the training loader has {len(gens)}')
@@ -147,7 +142,7 @@ def _saved_epoch(fn):
 def load_weights(model, fn):
     "Only the model weights of checkpoint `fn` (validated first: a bad file leaves `model` untouched)."
     sd = read_checkpoint(fn)
-    _check_model(unwrap(model), sd['model'], fn)
+    check_fits(unwrap(model), sd['model'], fn, err=CheckpointError)
     unwrap(model).load_state_dict(sd['model'])
     return model
 

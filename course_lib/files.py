@@ -10,10 +10,11 @@ from pathlib import Path
 _umask = os.umask(0); os.umask(_umask)  # read once: the permissions a plain `open` would give
 try: import fcntl
 except ImportError: fcntl = None  # Windows: no locks, only atomic renames
+import torch
 from .core import short_error
 
 # %% auto #0
-__all__ = ['atomic_write', 'locked', 'remove_temps', 'sha256sum', 'cached']
+__all__ = ['atomic_write', 'locked', 'remove_temps', 'sha256sum', 'state_digest', 'cached']
 
 # %% ../nbs/00a_files.ipynb #531b3490
 @contextmanager
@@ -64,6 +65,23 @@ def sha256sum(path, bs=1<<20):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         while b := f.read(bs): h.update(b)
+    return h.hexdigest()
+
+def state_digest(sd):
+    "The sha256 of a state's content (a checkpoint, a state dict): its structure, keys and numbers, and every tensor's bytes."
+    h = hashlib.sha256()
+    def add(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f'T{t.dtype}{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(f'D{len(o)}'.encode())
+            for k,v in o.items(): h.update(repr(k).encode()); add(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f'L{len(o)}'.encode())
+            for v in o: add(v)
+        else: h.update(f'{type(o).__name__}:{o!r}'.encode())
+    add(sd)
     return h.hexdigest()
 
 def _stamp(path): return path.with_name(path.name + '.json')

@@ -22,12 +22,13 @@ from .callbacks import *
 from .anneal import ParamScheduler, combine_scheds, cos_1cycle_anneal, SGDW, fit_sgdr
 from .cuda import DeviceCallback, BatchTransformXCallback
 from .hooks import children
-from .checkpoint import state_digest
+from .files import state_digest
+from .checkpoint import load_into
 from .vision import cifar_data, cifar_stats, Normalize, cifar_cbs, AugmentCallback, pipeline_cbs, side_on
 
 # %% auto #0
 __all__ = ['RESNETS', 'IMAGENET_STATS', 'LITE_STATS', 'KINDS', 'dogscats_sizes', 'resnet_weights', 'weights_path', 'check_digest',
-           'read_weights', 'load_into', 'imagenet_state', 'effnet_file', 'effnet_groups', 'effnet_body', 'models_dir',
+           'read_weights', 'imagenet_state', 'effnet_file', 'effnet_groups', 'effnet_body', 'models_dir',
            'cifar_resnet', 'Weights', 'pretrained_body', 'dogscats_data', 'dogscats_cbs', 'body_groups', 'cam_model',
            'freeze_to', 'unfreeze', 'bn_freeze', 'frozen_bns', 'BnFreeze', 'fine_tune', 'dogscats_model']
 
@@ -65,20 +66,7 @@ def read_weights(path, what):
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'weights file {path} does not exist; expected {what}')
     try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f'weights file {path} cannot be read ({type(e).__name__}: {" ".join(str(e).split())[:150]}); expected {what}') from e
-
-def load_into(model, sd, where, what):
-    "Load state dict `sd` (read from `where`) into `model`, or an error naming `where`, what does not fit, and `what` was expected."
-    if not isinstance(sd, dict): raise ValueError(f'{where} holds a {type(sd).__name__}, not a state dict; expected {what}')
-    own = model.state_dict()
-    missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and getattr(sd[k], 'shape', None) != own[k].shape]
-    if missing or extra or shapes:
-        eg = lambda ks: f' (e.g. {ks[0]})' if ks else ''
-        raise ValueError(f'{where} does not fit: {len(missing)} weights missing{eg(missing)}, {len(extra)} unexpected{eg(extra)}, '
-                         f'{len(shapes)} of another shape{eg(shapes)}; expected {what}')
-    model.load_state_dict(sd)
-    return model
+    except Exception as e: raise ValueError(f'weights file {path} cannot be read ({short_error(e)}); expected {what}') from e
 
 # %% ../nbs/08_transfer.ipynb #6aefade4
 def imagenet_state(arch, path=None):
