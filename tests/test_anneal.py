@@ -254,3 +254,37 @@ def test_fit_sgdr_trains_to_the_weights_of_the_runner_spelled_out():
     assert set(rec.lrs[-1]) == {0.01} and len(rec.lrs[-1]) == 2 * len(c.data.train_dl) and c.opt.param_groups[0]['weight_decay'] == 1e-5
     with pytest.raises(ValueError, match='n_cycle=0'): fit_sgdr(c, 0.01, 0)
     with pytest.raises(ValueError, match='2 values of lr for 1 parameter groups'): fit_sgdr(c, [0.1, 0.2], 1)
+
+_LR_FIND_GPU = r'''
+import torch
+from torch import nn, optim
+import torch.nn.functional as F
+from course_lib.core import set_seed
+from course_lib.training import Dataset, get_dls
+from course_lib.callbacks import DataBunch, Learner, Runner
+from course_lib.anneal import lr_find
+from course_lib.cuda import DeviceCallback
+def fit(find):
+    set_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    data = DataBunch(*get_dls(Dataset(x[:64], y[:64]), Dataset(x[64:], y[64:]), 16), c=3)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+    learn = Learner(model, optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, data)
+    if find: lr_find(learn, max_iter=6, cbs=[DeviceCallback('cuda')])  # CUDA starts inside the finder
+    Runner([DeviceCallback('cuda')]).fit(2, learn)
+    return [p.detach().cpu() for p in model.parameters()]
+a, b = fit(True), fit(False)
+print('SAME' if all(torch.equal(p, q) for p, q in zip(a, b)) else 'DIFFERENT')
+'''
+
+def test_lr_find_puts_back_the_gpu_generator_even_when_cuda_starts_inside_it(tmp_path):
+    "A fit after the LR finder is the fit without it on a GPU box too: the finder's dropout draws on the GPU's generator."
+    import os, subprocess, sys
+    from pathlib import Path
+    standin = Path(__file__).resolve().parent.parent/'tools'/'standin'
+    (tmp_path/'f.py').write_text(_LR_FIND_GPU)
+    env = {**os.environ, 'COURSE_STANDIN': 'cuda', 'PYTHONPATH': os.pathsep.join([str(standin), os.environ.get('PYTHONPATH', '')])}
+    env.pop('COURSE_DEVICE', None)
+    r = subprocess.run([sys.executable, str(tmp_path/'f.py')], capture_output=True, text=True, timeout=300, env=env)
+    assert r.stdout.strip().endswith('SAME'), r.stdout + r.stderr[-2000:]

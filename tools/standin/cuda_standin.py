@@ -191,7 +191,7 @@ def _cpu_rng(g):
         cpu.set_state(saved)
 
 def _default_gen(d):
-    _lazy_init()
+    _lazy_init()  # drawing on the device: CUDA is in use
     return S.gens[d]
 
 def _cudnn_gen():
@@ -381,8 +381,13 @@ _HANDLERS = {'__reduce_ex__': _h_reduce, '__getstate__': _h_reduce, 'get_device'
              'hstack': _h_cat, 'vstack': _h_cat, 'dstack': _h_cat, **{n: _h_read for n in _HOST_READS}}
 
 # --- torch.cuda, played
-def _lazy_init():
+def _gens():
+    "The GPUs' default generators (made on first use; seeding them does not start CUDA, as in torch)."
     if not S.gens: S.gens = [CudaGenerator(i) for i in range(S.n_gpus)]
+    return S.gens
+
+def _lazy_init():
+    _gens()
     S.initialized = True
 
 def _set_device(d):
@@ -425,10 +430,9 @@ def _gens_of(device):
     return S.gens[d]
 
 def _cuda_api():
-    def manual_seed(seed): _gens_of(None).manual_seed(seed)
+    def manual_seed(seed): _gens()[S.current].manual_seed(seed)
     def manual_seed_all(seed):
-        _lazy_init()
-        for g in S.gens: g.manual_seed(seed)
+        for g in _gens(): g.manual_seed(seed)  # torch queues this until CUDA starts: not a start
     def get_rng_state(device='cuda'): return _gens_of(device).get_state()
     def set_rng_state(state, device='cuda'): _gens_of(device).set_state(state)
     def get_rng_state_all(): _lazy_init(); return [g.get_state() for g in S.gens]
@@ -437,7 +441,7 @@ def _cuda_api():
         for g, s in zip(S.gens, states): g.set_state(s)
     def seed(): return _gens_of(None).seed()
     def seed_all():
-        _lazy_init(); s = S.gens[0].seed()
+        s = _gens()[0].seed()
         for g in S.gens[1:]: g.manual_seed(s)
     def exchange(d):
         prev = S.current
