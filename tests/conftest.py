@@ -1,5 +1,6 @@
 "Fixtures and helpers shared by the test files."
 import os, pytest, torch
+from pathlib import Path
 from torch import nn, optim
 import torch.nn.functional as F
 from course_lib.training import Dataset, get_dls
@@ -54,36 +55,32 @@ class Steps(Callback):
     def begin_fit(self): self.n = 0
     def after_step(self): self.n += 1
 
-def count_syncs(monkeypatch):
-    "Count calls of the Tensor methods that read a value back to Python (a GPU sync); `monkeypatch.undo()` stops it."
-    counts = {}
-    for name in ('item', 'cpu', 'tolist', 'numpy', '__float__', '__bool__'):
-        orig = getattr(torch.Tensor, name)
-        def wrap(self, *a, _orig=orig, _n=name, **k):
-            counts[_n] = counts.get(_n, 0) + 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, wrap)
-    return counts
+STANDIN = Path(__file__).resolve().parent.parent/'tools'/'standin'
 
-SYNCS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__float__', '__int__')
+class HostReads:
+    "Host reads of device tensors (GPU syncs) under the CUDA stand-in: `n` in all, `in_batches` from a batch's first event to its last."
+    def __init__(self, cs):
+        self.cs,self.start,self.in_batches = cs,cs.syncs(),0
+        reads = self
+        class On(Callback):
+            _order = -100
+            def begin_batch(self): reads.at = cs.syncs()
+        class Off(Callback):
+            _order = 100
+            def after_batch(self): reads.in_batches += cs.syncs() - reads.at
+        self.cbs = [On(), Off()]
+    @property
+    def n(self): return self.cs.syncs() - self.start
 
 @pytest.fixture
-def sync_counter(monkeypatch):
-    "Counts tensor->Python reads made between the first `begin_batch` and the last `after_batch` callback of each batch."
-    counts = {'on': False, 'n': 0}
-    for name in SYNCS:
-        orig = getattr(torch.Tensor, name)
-        def wrapped(self, *args, _orig=orig, **kwargs):
-            if counts['on']: counts['n'] += 1
-            return _orig(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    class On(Callback):
-        _order = -100
-        def begin_batch(self): counts['on'] = True
-    class Off(Callback):
-        _order = 100
-        def after_batch(self): counts['on'] = False
-    return counts, [On(), Off()]
+def host_reads():
+    "The CUDA stand-in on (fit on `DEVICE`) and a `HostReads`, whose `cbs` a fit adds: what a GPU would wait for."
+    import sys
+    sys.path.insert(0, str(STANDIN))
+    import cuda_standin as cs
+    with cs.standin(): yield HostReads(cs)
+
+DEVICE = 'cuda'  # under the stand-in
 
 # --- lesson 5's conv net on random 28x28 "images"
 N, BS = 96, 16  # 6 training batches of 16, 2 validation batches of 32

@@ -187,20 +187,24 @@ def test_a_nonfinite_gradient_skips_its_step_and_keeps_the_weights():
     class Cancel(Callback):  # the same batch cancelled by hand: what a skipped step must equal
         def after_backward(self):
             if self.iter == 2: raise CancelBatchException()
-    with pytest.warns(UserWarning, match='GradientClipping: 1 of 6 steps of epoch 0 skipped'):
+    with pytest.warns(UserWarning, match='GradientClipping: 1 of 6 steps of epoch 0 changed nothing'):
         run, model = clipped_fit([Poison(), GradientClipping(1.), Steps()])
-    _, ref = clipped_fit([Cancel(), GradientClipping(1.)])
-    assert run.steps.n == 5 and all(p.isfinite().all() for p in model.parameters())
+    ref_run, ref = clipped_fit([Cancel(), GradientClipping(1.)])
+    assert run.steps.n == 6 and all(p.isfinite().all() for p in model.parameters())  # it stepped, and put everything back
     assert max_diff(model, ref) == 0
+    bufs = lambda r: [st['momentum_buffer'] for st in r.opt.state_dict()['state'].values()]
+    assert all(torch.equal(a, b) for a, b in zip(bufs(run), bufs(ref_run)))  # the momentum too, to the bit
     _, lost = clipped_fit([Poison(), GradientClipping(1., skip_nonfinite=False)])
     assert all(p.isnan().all() for p in lost.parameters())  # what the skip prevents: every weight nan
 
-def test_clipping_reads_one_number_per_step_and_none_when_asked(sync_counter):
-    counts, cbs = sync_counter
-    clipped_fit([GradientClipping(1., skip_nonfinite=False), *cbs])
-    assert counts['n'] == 0
-    clipped_fit([GradientClipping(1.), *cbs])
-    assert counts['n'] == 6  # one finite-or-not read per step, to decide the skip
+def test_clipping_reads_no_number_per_step(host_reads):
+    "The skip of a non-finite step is decided on the device: no host read per step, one per epoch (to warn)."
+    from course_lib.cuda import DeviceCallback
+    from conftest import HostReads, DEVICE
+    for skip, per_epoch in ((False, 0), (True, 1)):
+        reads = HostReads(host_reads.cs)
+        clipped_fit([DeviceCallback(DEVICE), GradientClipping(1., skip_nonfinite=skip), *reads.cbs])
+        assert (reads.in_batches, reads.n) == (0, per_epoch), (skip, reads.in_batches, reads.n)
 
 def test_clipping_unscales_float16_gradients_once():
     "Under a GradScaler (`ScaledOpt`), clipping acts on the true gradients, and the step uses them once."

@@ -12,7 +12,7 @@ from course_lib.cnn import get_cnn_model
 from course_lib.hooks import HooksCallback, append_stats
 from course_lib.accel import MixedPrecision
 from course_lib.progress import ProgressCallback
-from conftest import image_data, image_learn, view, BS
+from conftest import image_data, image_learn, view, BS, DEVICE
 
 
 def test_device_callback_moves_model_and_batches_non_blocking(monkeypatch):
@@ -56,19 +56,20 @@ def test_view_tfm_and_batch_transform_errors():
     with pytest.raises(ValueError, match='size='): view_tfm(1, -28, 28)
     with pytest.raises(TypeError, match='not callable'): BatchTransformXCallback(None)
 
-def test_no_sync_per_batch(sync_counter):
-    counts, probes = sync_counter
-    run = Runner([DeviceCallback('cpu'), view(), HooksCallback(append_stats), MixedPrecision(), ProgressCallback(show=False), *probes])
+def test_no_sync_per_batch(host_reads):
+    run = Runner([DeviceCallback(DEVICE), view(), HooksCallback(append_stats), MixedPrecision(), ProgressCallback(show=False), *host_reads.cbs])
     run.fit(2, image_learn())
-    assert counts['n'] == 0
+    assert host_reads.in_batches == 0 and host_reads.n == 0  # nothing read back: the hooks keep their statistics on the device
 
-def test_sync_counter_sees_a_sync(sync_counter):
-    "The probe is real: a callback that reads the loss every batch is counted."
-    counts, probes = sync_counter
+def test_the_host_read_counter_sees_a_sync(host_reads):
+    "The probe is real: a callback that reads the loss every batch is counted, on the device only."
     class Reads(Callback):
         def after_loss(self): self.last = self.loss.item()
-    Runner([view(), Reads(), *probes]).fit(1, image_learn())
-    assert counts['n'] == 6 + 2
+    Runner([DeviceCallback(DEVICE), view(), Reads(), *host_reads.cbs]).fit(1, image_learn())
+    assert host_reads.in_batches == 6 + 2
+    before = host_reads.n
+    Runner([DeviceCallback('cpu'), view(), Reads()]).fit(1, image_learn())
+    assert host_reads.n == before  # a CPU tensor's read is no GPU sync
 
 
 # --- the course's helpers of lesson 5: normalize_to, Lambda, flatten, get_runner

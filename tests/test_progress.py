@@ -10,12 +10,13 @@ from course_lib.progress import *
 from conftest import image_learn, view
 
 
-def test_progress_syncs_only_at_display(sync_counter, capsys):
-    counts, probes = sync_counter
-    run = Runner([view(), ProgressCallback(show=True, every=4), *probes])
+def test_progress_syncs_only_at_display(host_reads, capsys):
+    from course_lib.cuda import DeviceCallback
+    from conftest import DEVICE
+    run = Runner([DeviceCallback(DEVICE), view(), ProgressCallback(show=True, every=4), *host_reads.cbs])
     run.fit(1, image_learn())
     # 6 training batches: the loss is read at batch 4 and at the end of the pass (6); none in validation
-    assert counts['n'] == 2
+    assert host_reads.in_batches == 2
     assert 'loss ' in capsys.readouterr().out
 
 def test_progress_silent_in_ci(monkeypatch, capsys):

@@ -77,16 +77,14 @@ def test_terminate_on_nan_names_epoch_and_first_bad_batch(every):
     assert run.released.done
     if k == 1: assert all(p.isfinite().all() for p in learn.model.parameters())
 
-def test_terminate_on_nan_ignores_validation_and_does_not_sync_per_batch(monkeypatch):
+def test_terminate_on_nan_ignores_validation_and_does_not_sync_per_batch(host_reads):
+    from conftest import HostReads, DEVICE
+    from course_lib.cuda import DeviceCallback
     def counted(n_train):
         learn = make_learn(make_data(n_train=n_train))
-        counts = {'n': 0}
-        orig = torch.Tensor.__int__
-        def spy(self): counts['n'] += 1; return orig(self)
-        monkeypatch.setattr(torch.Tensor, '__int__', spy)
-        Runner(cbs=TerminateOnNanCallback(every=1000)).fit(2, learn)
-        monkeypatch.undo()
-        return counts['n']
+        reads = HostReads(host_reads.cs)
+        Runner(cbs=[DeviceCallback(DEVICE), TerminateOnNanCallback(every=1000)] + reads.cbs).fit(2, learn)
+        return reads.n
     assert counted(64) == counted(256) == 2  # one read per training pass, whatever the number of batches
     learn = make_learn()
     learn.loss_func = lambda pred, yb: F.cross_entropy(pred, yb) * (1. if learn.model.training else float('inf'))

@@ -24,8 +24,8 @@ def symmetric_pad(x, pad):
 def loop_reference(xb, pad, generator):
     "The same augmentation image by image, drawing the random numbers in the same order."
     bs, _, h, w = xb.shape
-    dy, dx = torch.randint(0, 2*pad + 1, (2, bs), generator=generator)
-    flip = torch.rand(bs, generator=generator) < 0.5
+    u = torch.rand(bs, 3, generator=generator)  # three numbers per image: the offsets, then the flip
+    dy, dx, flip = (u[:, 0] * (2*pad + 1)).long(), (u[:, 1] * (2*pad + 1)).long(), u[:, 2] < 0.5
     out = [symmetric_pad(xb[i], pad)[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(bs)]
     return torch.stack([o.flip(2) if f else o for o, f in zip(out, flip)])
 
@@ -95,10 +95,9 @@ def test_flip_pad_crop_is_per_image():
     xb = images(1).expand(64, -1, -1, -1).contiguous()  # 64 copies of one image
     out = flip_pad_crop(xb, generator=torch.Generator().manual_seed(0))
     assert len({o.numpy().tobytes() for o in out}) > 32
-    g = torch.Generator().manual_seed(0)
-    dy, dx = torch.randint(0, 9, (2, 64), generator=g)
-    flip = torch.rand(64, generator=g) < 0.5
-    assert 0 < flip.sum() < 64
+    u = draw(64, 3, torch.Generator().manual_seed(0))  # the numbers flip_pad_crop drew
+    dy, dx, flip = (u[:, 0] * 9).long(), (u[:, 1] * 9).long(), u[:, 2] < 0.5
+    assert 0 < flip.sum() < 64 and (plain_count := (dy.eq(4) & dx.eq(4)).sum()) > 0, plain_count
     plain = dy.eq(4) & dx.eq(4) & ~flip  # no shift, no flip: the image itself
     assert all(torch.equal(out[i], xb[i]) for i in torch.where(plain)[0])
     mirrored = dy.eq(4) & dx.eq(4) & flip
@@ -353,3 +352,59 @@ def test_confusion_matrix():
     assert confusion_matrix(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 2).tolist() == [[0, 0], [0, 0]]
     with pytest.raises(ValueError, match='2 predictions for 3 targets'): confusion_matrix(pred[:2], targ[:3], 3)
     with pytest.raises(ValueError, match=r'outside 0\.\.1'): confusion_matrix(pred, targ, 2)
+
+
+# --- the random numbers of the batch augmentations, and lesson 8's side-on augmentation (moved here from transfer)
+
+def test_draw_draws_on_the_generators_device_and_hands_over_on_the_batchs():
+    g = torch.Generator().manual_seed(3)
+    u = draw(5, 2, g, torch.device('cpu'))
+    assert u.shape == (5, 2) and (0 <= u).all() and (u < 1).all()
+    assert torch.equal(u, torch.rand(5, 2, generator=torch.Generator().manual_seed(3)))
+    torch.manual_seed(4); a = draw(3, 1)
+    torch.manual_seed(4); assert torch.equal(a, draw(3, 1))  # no generator: the default one
+
+def test_flip_pad_crop_offsets_reach_both_ends():
+    "Offsets run from 0 to 2*pad, both ends included (fastai 0.7's never reached the right and bottom borders)."
+    g = torch.Generator().manual_seed(0)
+    u = draw(4000, 3, g)
+    off = (u[:, :2] * 9).long()
+    assert off.min() == 0 and off.max() == 8 and set(off.flatten().tolist()) == set(range(9))
+
+def warp_args(monkeypatch, n=400, **kw):
+    "The zoom, angle, flip and shift `side_on` hands `warp` for `n` images, and the lighting it hands `lighting`."
+    got = {}
+    def spy_warp(xb, zoom, deg, flip, shift): got.update(zoom=zoom, deg=deg, flip=flip, shift=shift); return xb.float()
+    def spy_light(xb, b, c): got.update(b=b, c=c); return xb
+    monkeypatch.setattr(vision, 'warp', spy_warp); monkeypatch.setattr(vision, 'lighting', spy_light)
+    side_on(torch.zeros(n, 3, 8, 8), generator=torch.Generator().manual_seed(0), **kw)
+    return got
+
+def test_side_on_turns_both_ways_zooms_in_and_flips_half(monkeypatch):
+    a = warp_args(monkeypatch)
+    deg, zoom, flip, shift = a['deg'], a['zoom'], a['flip'], a['shift']
+    assert deg.min() < -5 and deg.max() > 5 and deg.abs().max() <= 10          # both ways, up to 10 degrees
+    assert 0.65 < (deg != 0).float().mean() < 0.85                               # three times in four
+    assert zoom.min() >= 1 and zoom.max() <= 1.1 and (zoom > 1).any()             # zoom in only, up to max_zoom
+    assert 0.65 < (zoom != 1).float().mean() < 0.85
+    assert 0.4 < flip.float().mean() < 0.6 and shift.abs().max() <= 1 and shift.min() < -0.5 < 0.5 < shift.max()
+    b, c = a['b'], a['c']
+    assert b.abs().max() <= 0.05 and b.min() < 0 < b.max()                      # brightness up and down by up to 5%
+    assert c.min() >= 1 / 1.05 - 1e-6 and c.max() <= 1.05 + 1e-6 and c.min() < 1 < c.max()
+
+def test_side_on_p_and_ranges_are_the_arguments(monkeypatch):
+    a = warp_args(monkeypatch, max_zoom=2., deg=30., light=0., p=1.)
+    assert (a['deg'] != 0).all() and a['deg'].abs().max() > 20 and (a['zoom'] > 1).all() and a['zoom'].max() > 1.8
+    assert (a['b'] == 0).all() and torch.allclose(a['c'], torch.ones(400))
+    a = warp_args(monkeypatch, p=0.)
+    assert (a['deg'] == 0).all() and (a['zoom'] == 1).all()
+
+def test_pipeline_cbs_seeds_the_augmentation_on_the_pipelines_device():
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    cbs = pipeline_cbs(norm, side_on, seed=5, device='cpu', channels_last=True)
+    assert [type(cb).__name__ for cb in cbs] == ['DeviceCallback', 'AugmentCallback', 'BatchTransformXCallback']
+    assert cbs[0].fmt == torch.channels_last and cbs[1].tfm.keywords['generator'].device == cbs[0].device
+    assert [type(cb).__name__ for cb in pipeline_cbs(norm)] == ['DeviceCallback', 'BatchTransformXCallback']
+    x = images(4, h=16, w=16)
+    a, b = (pipeline_cbs(norm, side_on, seed=5, device='cpu')[1].tfm(x) for _ in range(2))
+    assert torch.equal(a, b)

@@ -9,13 +9,13 @@ figures are the `headline: name = value` lines it prints, with `(2018: x)` where
 Cells tagged `#| eval: false` are skipped, as are cells tagged with a flag that is not on (`#| cuda`).
 Size and flags follow the device the lessons train on (`course_lib.core.default_device`, so `COURSE_DEVICE=cpu` on a GPU
 box gives the CPU's): COURSE_SIZE if set, else `full` on CUDA and `medium` on the CPU; COURSE_FLAGS if set
-(space-separated), else `cuda` on CUDA and none on the CPU. On a box whose GPU torch cannot use, it says so first."""
-import argparse, base64, html, io, os, re, sys, tempfile, time
+(space-separated), else `cuda` on CUDA and none on the CPU. On a box whose GPU torch cannot use, it says so first.
+
+Each notebook runs in a Jupyter kernel (nbclient), or with `--engine execnb` in a child Python process through execnb's
+in-process shell, for a machine with nbdev's packages but no Jupyter (the GPU check: tools/gpu_check.sh). execnb keeps
+figures; a cell that draws a figure loses what it printed, so headlines are best printed in a cell of their own."""
+import argparse, base64, html, io, json, os, re, subprocess, sys, tempfile, time
 from pathlib import Path
-import nbformat
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
-from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
@@ -95,25 +95,68 @@ def to_html(nb, path):
     body, _ = HTMLExporter(template_name='lab').from_notebook_node(nb)
     path.write_text(body, encoding='utf-8')
 
-def run(path, out_dir, flags, timeout):
-    nb = nbformat.read(path, as_version=4)
-    kept = [c for c in nb.cells if not (c.cell_type == 'code' and skip_cell(c, flags))]
-    nskip = len(nb.cells) - len(kept)
-    runnable = nbformat.v4.new_notebook(cells=kept, metadata=nb.metadata)
-    start, status = time.time(), 'ok'
+def read_nb(path):
+    try: import nbformat
+    except ImportError: from execnb.nbio import read_nb; return read_nb(path)
+    return nbformat.read(path, as_version=4)
+
+def write_nb(nb, path):
+    try: import nbformat
+    except ImportError: from execnb.nbio import write_nb; return write_nb(nb, path)
+    nbformat.write(nb, path)
+
+def _last_line(text):
+    last = [l for l in re.sub(r'\x1b\[[0-9;]*m', '', text).strip().splitlines() if l.strip()]
+    return last[-1][:150] if last else 'error'
+
+def run_jupyter(nb, timeout):
+    "Run `nb`'s cells in a Jupyter kernel (working directory nbs/), in place; 'ok' or why it failed."
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from jupyter_client.manager import KernelManager
     with tempfile.TemporaryDirectory(prefix='course_kernel.') as d:
         # the kernel talks over local sockets (IPC), not TCP: nothing listens on the network
         km = KernelManager(kernel_name='python3', transport='ipc', ip=os.path.join(d, 'k'))
-        client = NotebookClient(runnable, km=km, timeout=timeout, resources={'metadata': {'path': str(NBS)}})
-        try: client.execute()
-        except CellExecutionError as e:
-            last = [l for l in re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() if l.strip()]
-            status = 'FAILED: ' + (last[-1][:150] if last else 'error')
-        except Exception as e: status = f'FAILED: {type(e).__name__}: {str(e)[:150]}'
+        client = NotebookClient(nb, km=km, timeout=timeout, resources={'metadata': {'path': str(NBS)}})
+        try: client.execute(); return 'ok'
+        except CellExecutionError as e: return 'FAILED: ' + _last_line(str(e))
+        except Exception as e: return f'FAILED: {type(e).__name__}: {str(e)[:150]}'
         finally:
             if km.has_kernel: km.shutdown_kernel(now=True)
+
+def run_execnb(path, nb, timeout):
+    "Run `nb` with execnb's shell in a child process (working directory nbs/); the executed notebook and 'ok' or why not."
+    with tempfile.TemporaryDirectory(prefix='course_execnb.') as d:
+        src, dst = Path(d)/path.name, Path(d)/('out-' + path.name)
+        write_nb(nb, src)
+        try: r = subprocess.run([sys.executable, __file__, '--execnb-one', str(src), str(dst)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired: return nb, f'FAILED: stopped after {timeout}s'
+        out = read_nb(dst) if dst.is_file() else nb
+        return out, 'ok' if r.returncode == 0 else 'FAILED: ' + _last_line(r.stderr or r.stdout)
+
+def _execnb_one(src, dst):
+    "The child of `run_execnb`: run the notebook `src` in this process, save it with its outputs to `dst`."
+    from execnb.shell import CaptureShell
+    from execnb.nbio import read_nb, write_nb  # execnb's own: its shell wants its notebook objects
+    os.chdir(NBS)
+    sys.path.insert(0, str(NBS))
+    os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'
+    nb, err = read_nb(src), None
+    try: CaptureShell().run_all(nb, exc_stop=True)
+    except BaseException as e: err = e
+    write_nb(nb, dst)
+    if err is not None: sys.exit(f'{type(err).__name__}: {err}')
+
+def run(path, out_dir, flags, timeout, engine='jupyter'):
+    nb = read_nb(path)
+    kept = [c for c in nb.cells if not (c.cell_type == 'code' and skip_cell(c, flags))]
+    nskip = len(nb.cells) - len(kept)
+    nb.cells = kept
+    start = time.time()
+    if engine == 'jupyter': status = run_jupyter(nb, timeout); runnable = nb
+    else: runnable, status = run_execnb(path, nb, timeout)
     secs = time.time() - start
-    nbformat.write(runnable, out_dir/path.name)
+    write_nb(runnable, out_dir/path.name)
     try: to_html(runnable, out_dir/(path.stem + '.html'))
     except Exception as e: status += f' (no HTML page: {type(e).__name__}: {str(e)[:100]})'
     thumb = ''
@@ -161,9 +204,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', help='folder for the executed notebooks, their HTML pages and the summary (default: COURSE_RUN_DIR, '
                                  'else runs/<date>-<size>)')
-    p.add_argument('--timeout', type=int, default=None, help='seconds allowed per cell (default: no limit)')
+    p.add_argument('--timeout', type=int, default=None, help='seconds allowed per cell (jupyter) or notebook (execnb); default: no limit')
+    p.add_argument('--engine', choices=('jupyter', 'execnb'), default='jupyter', help='how to run each notebook (see above)')
+    p.add_argument('--execnb-one', nargs=2, help=argparse.SUPPRESS)
     p.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/[0-9]*.ipynb)')
     a = p.parse_args()
+    if a.execnb_one: return _execnb_one(*a.execnb_one)
     from course_lib.core import gpu_note
     if note := gpu_note(): print(note, flush=True)
     dev = device()
@@ -179,7 +225,7 @@ def main():
     print(f'Running {len(nbs)} notebooks into {out}', flush=True)
     rows, t0 = [], time.time()
     for nb in nbs:
-        r = run(nb.resolve(), out, flags, a.timeout)
+        r = run(nb.resolve(), out, flags, a.timeout, a.engine)
         rows.append(r)
         print(f"  {r['notebook']}: {r['status']} in {r['seconds']}s, {r['figures']} figures  {r['headline']}", flush=True)
     table = ['| ' + ' | '.join(COLS) + ' |', '|' + '---|' * len(COLS)] + ['| ' + ' | '.join(r[k] for k in COLS) + ' |' for r in rows]
