@@ -10,6 +10,7 @@ from course_lib.anneal import Recorder, SGDRCallback, ParamScheduler, sched_cos
 from conftest import make_data, make_learn, raised, max_diff, Steps, Released
 from course_lib.safety import *
 from course_lib.checkpoint import *
+from course_lib.files import state_digest
 
 
 def ck_cbs(path, **kw):

@@ -222,7 +222,9 @@ try:
         m = DDP(nn.Linear(3, 2).cuda(), device_ids=[r])
         m(torch.ones(4, 3)).sum().backward()  # the input moved to the module's GPU, as DDP does with device_ids
         if r == 1: print('OK', t.cpu().tolist(), m.module.weight.grad.device)
-finally: dist.destroy_process_group()
+finally:
+    dist.barrier()  # both ranks done before either tears the group down
+    dist.destroy_process_group()
 '''
 
 @pytest.mark.parametrize('what,gpus,expect', [('host', 2, 'No backend type associated with device type cpu'),
