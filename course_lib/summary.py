@@ -16,7 +16,8 @@ from .hooks import Hooks
 __all__ = ['Summary', 'n_params', 'model_summary']
 
 # %% ../nbs/05e_summary.ipynb #7162d4d5
-def _shape(o): return 'x'.join(map(str, o.shape[1:])) if isinstance(o, torch.Tensor) else ', '.join(_shape(t) for t in o)
+def _shape(o):
+    return 'x'.join(map(str, o.shape[1:])) if isinstance(o, torch.Tensor) else ', '.join(_shape(t) for t in o)
 
 class Summary():
     "A model summary: `rows` of (name, type, output shape, params, trainable params) and the model's totals."
@@ -31,14 +32,16 @@ def n_params(m, trainable=False):
     "How many parameters module `m` has (only those that require a gradient if `trainable`)."
     return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
 
-def model_summary(run, learn, data=None, find_all=False, mods=None, show=True):
-    "Print (if `show`) and return each child's (leaf's if `find_all`, or `mods`') output shape and parameters on a batch of `data`."
+def model_summary(run, learn, data=None, find_all=False, mods=None, show=True):  # find_all: each leaf, not each child
+    "Print (if `show`) and return the output shape and parameters of each child (or `mods`) on a batch of `data`."
     model, dl = learn.model, learn.data.valid_dl if data is None else getattr(data, 'valid_dl', data)
     names = {m: n for n, m in model.named_modules()}
-    if mods is None: mods = [m for m in model.modules() if not list(m.children())] if find_all else list(model.children()) or [model]
+    if mods is None and find_all: mods = [m for m in model.modules() if not list(m.children())]
+    elif mods is None: mods = list(model.children()) or [model]
     xb, yb = prepare_batch(run.cbs, *next(iter(dl)))
     rows = []
-    def f(hook, mod, inp, outp): rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), n_params(mod), n_params(mod, True)))
+    def f(hook, mod, inp, outp):
+        rows.append((names.get(mod, '?'), type(mod).__name__, _shape(outp), n_params(mod), n_params(mod, True)))
     with Hooks(mods, f), evaluating(model), torch.no_grad(): model(xb.to(model_device(model)))
     smry = Summary(rows, n_params(model), n_params(model, True))
     if show: print(smry)
