@@ -228,3 +228,61 @@ def test_clipping_unscales_float16_gradients_once():
 @pytest.mark.parametrize('bad', [0, -1., True, 'x', None, math.nan])
 def test_gradient_clipping_bad_input(bad):
     with pytest.raises(ValueError, match='max_norm'): GradientClipping(bad)
+
+
+# --- behaviour the mutation run found unpinned (issue 30)
+
+def test_float16_on_a_gpu_model_steps_through_the_scaler_and_gives_the_optimizer_back(host_reads):
+    "On CUDA (the stand-in) float16 wraps the optimizer in a `ScaledOpt` with a `GradScaler`, scales the loss it backpropagates, reports the plain one."
+    from course_lib.cuda import DeviceCallback
+    from conftest import DEVICE
+    class Seen(Callback):
+        _order = 12  # after MixedPrecision's after_loss: the loss backward() gets
+        def begin_fit(self): self.opts, self.scaled, self.reported, self.dtypes = [], [], [], []
+        def after_pred(self): self.dtypes.append(self.pred.dtype)
+        def after_loss(self):
+            if self.in_train: self.opts.append(self.opt); self.scaled.append(self.loss.detach().cpu())
+        def after_batch(self):
+            if self.in_train: self.reported.append(self.loss.detach().cpu())
+    learn = image_learn()
+    orig, mp = learn.opt, MixedPrecision(torch.float16)
+    run = Runner([DeviceCallback(DEVICE), view(), mp, Seen()])
+    run.fit(1, learn)
+    assert all(isinstance(o, ScaledOpt) and o.opt is orig and isinstance(o.scaler, torch.amp.GradScaler) for o in run.seen.opts)
+    assert learn.opt is orig and mp.scaler is None  # given back after the fit
+    ratio = torch.stack(run.seen.scaled) / torch.stack(run.seen.reported)
+    assert (ratio > 1000).all()  # the scaler's factor (2**16 to start) on the loss that is backpropagated, not on the one reported
+
+def test_autocast_uses_the_dtype_asked_for_and_is_left_after_a_cancelled_batch():
+    class Dtype(Callback):
+        def begin_fit(self): self.dtypes = []
+        def after_pred(self): self.dtypes.append(self.pred.dtype)
+    class CancelSecond(Callback):
+        _order = 11
+        def after_pred(self):
+            if self.in_train and self.iter == 1: raise CancelBatchException()
+        def after_batch(self): self.autocast_after = torch.is_autocast_enabled('cpu')
+    run = Runner([view(), MixedPrecision(torch.bfloat16), Dtype(), CancelSecond()])
+    run.fit(1, image_learn())
+    assert set(run.dtype.dtypes) == {torch.bfloat16}
+    assert not torch.is_autocast_enabled('cpu') and run.cancel_second.autocast_after is False  # left in the cancelled batch too
+
+def test_clipping_defaults_to_a_norm_of_one_and_counts_every_skipped_step():
+    assert GradientClipping().max_norm == 1. and GradientClipping().skip_nonfinite
+    class Poison(Callback):
+        _order = GradientClipping._order - 0.5
+        def after_backward(self):
+            if self.iter in (1, 4): self.model.weight.grad[0, 0] = math.nan
+    with pytest.warns(UserWarning, match='GradientClipping: 2 of 6 steps of epoch 0 changed nothing'):
+        clipped_fit([Poison(), GradientClipping()])
+
+def test_a_fit_cut_short_mid_epoch_still_says_what_it_skipped():
+    class Poison(Callback):
+        _order = GradientClipping._order - 0.5
+        def after_backward(self):
+            if self.iter == 1: self.model.weight.grad[0, 0] = math.inf
+    class Stop(Callback):
+        def after_batch(self):
+            if self.iter == 2: raise CancelTrainException()
+    with pytest.warns(UserWarning, match='1 of 3 steps of the epoch the fit stopped in changed nothing'):
+        clipped_fit([Poison(), GradientClipping(), Stop()])

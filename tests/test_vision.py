@@ -408,3 +408,51 @@ def test_pipeline_cbs_seeds_the_augmentation_on_the_pipelines_device():
     x = images(4, h=16, w=16)
     a, b = (pipeline_cbs(norm, side_on, seed=5, device='cpu')[1].tfm(x) for _ in range(2))
     assert torch.equal(a, b)
+
+# --- behaviour the mutation run found unpinned (issue 30)
+
+def test_cifar_data_shuffles_training_each_epoch_and_defaults_to_batches_of_128(fake_cifar):
+    data = cifar_data(n_train=200)
+    assert data.train_dl.sampler.batch_size == 128 and data.valid_dl.sampler.batch_size == 256
+    e1, e2 = (torch.cat([yb for _, yb in data.train_dl]) for _ in range(2))
+    assert sorted(e1.tolist()) == sorted(fake_cifar[1].tolist()) and not torch.equal(e1, e2)  # every image, in a new order
+    assert not torch.equal(e1, data.train_ds.y)
+
+def test_cifar_subsets_depend_on_the_seed_only_not_on_the_global_generator(fake_cifar):
+    torch.manual_seed(0); a = cifar_data(bs=16, n_train=50, n_valid=30, seed=7)
+    torch.manual_seed(1); b = cifar_data(bs=16, n_train=50, n_valid=30, seed=7)
+    assert torch.equal(a.valid_ds.x, b.valid_ds.x) and torch.equal(a.train_ds.x, b.train_ds.x)
+    assert torch.equal(next(iter(a.train_dl))[1], next(iter(b.train_dl))[1])  # the shuffle too
+
+def test_cifar_data_hands_loader_arguments_to_both_loaders(fake_cifar):
+    data = cifar_data(bs=16, pin_memory=True)
+    assert data.train_dl.pin_memory and data.valid_dl.pin_memory
+
+def test_tta_defaults_to_four_augmented_passes_and_the_plain_one_once():
+    learn = tiny_learn()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    model, dl = learn.model, learn.data.valid_dl
+    p, _ = get_preds(model, dl, cifar_cbs(norm, seed=2, device='cpu'))
+    cbs = cifar_cbs(norm, seed=2, device='cpu')
+    augs = [get_preds(model, dl, cbs, aug=True)[0] for _ in range(4)]
+    torch.testing.assert_close(tta(model, dl, cifar_cbs(norm, seed=2, device='cpu'))[1], (p + sum(augs)) / 5)
+
+def test_pad_reflect_takes_a_single_image_plane():
+    im = images(1)[0, 0]
+    assert torch.equal(pad_reflect(im, 2), symmetric_pad(im[None], 2)[0])
+
+def test_get_preds_hands_back_cpu_tensors_from_a_gpu_pipeline():
+    "Under the CUDA stand-in: the model runs on the device, the probabilities and targets come back on the CPU."
+    import sys
+    from conftest import STANDIN
+    sys.path.insert(0, str(STANDIN))
+    from cuda_standin import standin
+    with standin():
+        learn = tiny_learn()
+        norm, model = Normalize([0.5] * 3, [0.25] * 3), learn.model.cuda()
+        p, y = get_preds(model, learn.data.valid_dl, cifar_cbs(norm))
+        assert p.device.type == y.device.type == 'cpu' and p.shape == (32, 10)
+        p0, pt, y0 = tta(model, learn.data.valid_dl, cifar_cbs(norm, seed=1))
+        assert {t.device.type for t in (p0, pt, y0)} == {'cpu'}
+        cpu_model = tiny_learn().model  # on the CPU, fed a GPU pipeline: runs where it is
+        assert get_preds(cpu_model, learn.data.valid_dl, cifar_cbs(norm))[0].device.type == 'cpu'
