@@ -36,11 +36,14 @@ from .text import *
 from .rnn import *
 from .vision import *
 from .resnet import *
+from .photos import *
+from .weights import *
 from .transfer import *
 from .cam import *
 
 # %% ../nbs/99_all.ipynb #ac7193c6
 import sys as _sys, fastcore.test as _fct
 _lessons = [m for n,m in _sys.modules.items() if n.startswith('course_lib.') and hasattr(m, '__all__')]
-_course = ['math', 'torch', 'nn', 'F', 'optim', 'init', 'tensor', 'partial', 'plt', 'Path', 'DataLoader', 'SequentialSampler', 'RandomSampler']
+_course = ['math', 'torch', 'nn', 'F', 'optim', 'init', 'tensor', 'partial', 'plt', 'Path',
+           'DataLoader', 'SequentialSampler', 'RandomSampler']
 __all__ = sorted({n for m in _lessons for n in m.__all__ if globals().get(n) is getattr(m, n)} | set(_fct.__all__) | set(_course))

@@ -1,9 +1,11 @@
 "Lesson 8a's maps and pointing game (course_lib.cam): exact recipes, failure paths, and the planted bugs they must catch."
+import copy
 import numpy as np, pytest, torch, torchvision
 from torch import nn
 import torch.nn.functional as F
 from course_lib.core import *
-from course_lib.transfer import cam_model, freeze_to, frozen_bns, effnet_body
+from course_lib.transfer import cam_model, freeze_to, frozen_bns
+from course_lib.weights import effnet_body
 from course_lib.cam import *
 
 
@@ -25,7 +27,7 @@ def seed_cam(model, x):
     "The lesson's numpy recipe, one image at a time, then the same bilinear upsampling."
     res = []
     for xi in x:
-        with SaveFeatures(model[-4]) as sf, torch.no_grad(): py = np.exp(model(xi[None]).numpy()[0])
+        with SaveFeatures(model.head) as sf, torch.no_grad(): py = np.exp(model(xi[None]).numpy()[0])
         feat = np.maximum(0, sf.features.numpy()[0])
         f2 = np.dot(np.rollaxis(feat, 0, 3), py)
         f2 -= f2.min(); f2 /= f2.max()
@@ -39,12 +41,12 @@ def test_cam_shape_normalisation_and_the_lesson_recipe(shape):
     maps = cam(model, x)
     assert maps.shape == (shape[0],) + shape[2:]
     torch.testing.assert_close(maps, seed_cam(model, x), atol=1e-5, rtol=0)
-    with SaveFeatures(model[-4]) as sf: cam(model, x)
+    with SaveFeatures(model.head) as sf: cam(model, x)
     small = torch.einsum('bchw,bc->bhw', sf.features.relu(), model(x).exp().detach())
     assert small.shape[1:] == (shape[2] // 32, shape[3] // 32)
     mm = minmax(small)
     torch.testing.assert_close(mm.amin((1, 2)), torch.zeros(len(x))); torch.testing.assert_close(mm.amax((1, 2)), torch.ones(len(x)))
-    assert not model[-4]._forward_hooks
+    assert not model.head._forward_hooks
     for cls in (0, 1, torch.arange(shape[0]) % 2):
         want = sf.features.relu()[range(shape[0]), torch.as_tensor(cls).expand(shape[0])]
         torch.testing.assert_close(cam(model, x, cls), upsample(minmax(want), shape[2:]), atol=1e-5, rtol=0)
@@ -54,10 +56,48 @@ def test_cam_restores_the_model_mode_and_removes_its_hooks():
     for m in frozen_bns(model): m.eval()
     modes = [m.training for m in model.modules()]
     x = torch.randn(2, 3, 64, 64)
-    cam(model, x); grad_cam(model, x, model[-5]); cam_maps(model, x, 0)
+    cam(model, x); grad_cam(model, x, body_output(model)); cam_maps(model, x, 0)
     assert [m.training for m in model.modules()] == modes
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+def modes_seen(model, f):
+    "The `training` flag of every module with one, as each forward of `f()` saw it."
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod.training)) for m in model.modules()
+             if isinstance(m, (nn.BatchNorm2d, nn.Dropout))]
+    try: f()
+    finally:
+        for h in hooks: h.remove()
+    return seen
+
+@pytest.mark.parametrize('maps', ['cam', 'grad_cam', 'cam_maps'])
+def test_maps_are_made_in_eval_mode(maps):
+    "In training mode batch norm would use the batch's statistics (and move its running ones): the maps of a model left training."
+    model = pretrained_like(small_model()); model.train()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    f = {'cam': lambda m: cam(m, x), 'grad_cam': lambda m: grad_cam(m, x, body_output(m)), 'cam_maps': lambda m: cam_maps(m, x, 1)[0]['Grad-CAM']}[maps]
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    seen = modes_seen(model, lambda: f(model))
+    assert seen and not any(seen)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert model.training
+    ref = copy.deepcopy(model).eval()
+    torch.testing.assert_close(f(model), f(ref), atol=1e-6, rtol=0)
+
+def test_cam_preds_is_get_preds_with_the_lessons_cam():
+    from course_lib.training import Dataset, batch_dl
+    from course_lib.cuda import DeviceCallback, BatchTransformXCallback
+    model = pretrained_like(small_model()).eval()
+    x = torch.randint(0, 256, (10, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 1] * 5)
+    norm = lambda t: t.float() / 127.5 - 1
+    cbs = [DeviceCallback('cpu'), BatchTransformXCallback(norm)]
+    p, yy, maps = cam_preds(model, batch_dl(Dataset(x, y), 4), cbs, (64, 96))
+    assert torch.equal(yy, y) and maps.shape == (10, 64, 96) and p.shape == (10, 2)
+    with torch.no_grad(): torch.testing.assert_close(p, model(norm(x)).exp(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps, cam(model, norm(x)), atol=1e-5, rtol=0)
+    assert not model.head._forward_hooks
 
 def test_minmax_constant_map_is_zero():
     f = torch.stack([torch.full((3, 3), 2.), torch.arange(9.).view(3, 3)])
@@ -66,19 +106,19 @@ def test_minmax_constant_map_is_zero():
 
 def test_save_features_removable_and_context_manager():
     model = small_model()
-    sf = SaveFeatures(model[-4]); model(torch.randn(1, 3, 64, 64))
+    sf = SaveFeatures(model.head); model(torch.randn(1, 3, 64, 64))
     assert sf.features.shape == (1, 2, 2, 2) and not sf.features.requires_grad
-    sf.remove(); assert not model[-4]._forward_hooks
+    sf.remove(); assert not model.head._forward_hooks
     with pytest.raises(RuntimeError):
-        with SaveFeatures(model[-4]): raise RuntimeError
-    assert not model[-4]._forward_hooks
+        with SaveFeatures(model.head): raise RuntimeError
+    assert not model.head._forward_hooks
 
 
 # ---- issue 22: 1×1 maps, layers without a grid, class counts
 def test_cam_on_photos_too_small_for_a_map_says_so():
     "32-pixel photos give a 1×1 feature map: an error, not maps of zeros."
     model = small_model().eval()
-    for f in (lambda x: cam(model, x), lambda x: grad_cam(model, x, model[-5]), lambda x: cam_maps(model, x, 0)):
+    for f in (lambda x: cam(model, x), lambda x: grad_cam(model, x, body_output(model)), lambda x: cam_maps(model, x, 0)):
         with pytest.raises(ValueError, match=r'outputs of shape \(2, \d+, 1, 1\) for \(32, 32\) photos: a map needs a feature map'): f(torch.randn(2, 3, 32, 32))
     assert cam(model, torch.randn(2, 3, 32, 64)).shape == (2, 32, 64)  # 1×2: a map
 
@@ -86,13 +126,13 @@ def test_grad_cam_names_the_layers_that_make_a_map():
     model = small_model().eval()
     x = torch.randn(2, 3, 64, 64)
     for layer, got in ((model[-3], r'outputs of shape \(2, 2, 1, 1\)'), (model[-2], r'outputs of shape \(2, 2\)'), (model[-1], 'no output before the class scores')):
-        with pytest.raises(ValueError, match=f'layer {type(layer).__name__} gives {got} .*a layer of the body, or the head conv'): grad_cam(model, x, layer)
-    for layer in (model[-4], model[-5], model[4][0].conv1, model[0]): assert grad_cam(model, x, layer).shape == (2, 64, 64)
+        with pytest.raises(ValueError, match=f'layer {type(layer).__name__} gives {got} .*a layer before the pool: of the body, or the head conv'): grad_cam(model, x, layer)
+    for layer in (model.head, body_output(model), model[4][0].conv1, model[0]): assert grad_cam(model, x, layer).shape == (2, 64, 64)
 
 def test_class_labels_of_the_wrong_count_are_named():
     model = small_model().eval()
     x = torch.randn(2, 3, 64, 64)
-    for f in (lambda c: cam(model, x, c), lambda c: grad_cam(model, x, model[-5], c), lambda c: cam_maps(model, x, c)):
+    for f in (lambda c: cam(model, x, c), lambda c: grad_cam(model, x, body_output(model), c), lambda c: cam_maps(model, x, c)):
         with pytest.raises(ValueError, match='cls has 3 classes for 2 photos, expected one class or one per photo'): f([0, 1, 1])
         with pytest.raises(ValueError, match='cls has 4 classes for 2 photos'): f(torch.zeros(2, 2, dtype=torch.long))
         with pytest.raises(ValueError, match=r'cls=\[0, 2\], expected classes from 0 to 1'): f([0, 2])
@@ -106,10 +146,10 @@ def test_grad_cam_matches_pytorch_grad_cam_on_the_scores():
     model = pretrained_like(small_model()).eval()
     x = torch.randn(3, 3, 128, 96, generator=torch.Generator().manual_seed(0))
     norm01 = lambda t: (t - t.amin((1, 2), keepdim=True)) / (t.amax((1, 2), keepdim=True) - t.amin((1, 2), keepdim=True))
-    for layer in (model[-5], model[-6], model[4][0].conv1, model[-4]):
+    for layer in (body_output(model), model[-6], model[4][0].conv1, model.head):
         for c in (0, 1):
             ours = grad_cam(model, x, layer, cls=c)
-            with pgc.GradCAM(model=scores(model), target_layers=[layer]) as g:  # the class score before the softmax, as in the paper
+            with pgc.GradCAM(model=pre_softmax(model), target_layers=[layer]) as g:  # the class score before the softmax, as in the paper
                 theirs = torch.from_numpy(g(input_tensor=x, targets=[ClassifierOutputTarget(c)] * len(x)))
             assert ours.shape == theirs.shape == (3, 128, 96)
             torch.testing.assert_close(norm01(ours), norm01(theirs), atol=1e-4, rtol=0, equal_nan=True)  # a map of zeros: nan in both
@@ -120,18 +160,18 @@ def test_grad_cam_records_no_graph_below_its_layer():
     seen = {}
     hooks = [model[k].register_forward_hook(lambda mod, inp, out, k=k: seen.setdefault(k, []).append(torch.is_grad_enabled())) for k in (0, 4, -4)]
     x = torch.randn(2, 3, 64, 64)
-    grad_cam(model, x, model[-5]); cam_maps(model, x, 0); grad_cam(model, x, model[4])
+    grad_cam(model, x, body_output(model)); cam_maps(model, x, 0); grad_cam(model, x, model[4])
     for h in hooks: h.remove()
     assert seen == {0: [False] * 3, 4: [False, False, False], -4: [True] * 3} and torch.is_grad_enabled()
-    with torch.no_grad(): grad_cam(model, x, model[-5]); assert not torch.is_grad_enabled()
+    with torch.no_grad(): grad_cam(model, x, body_output(model)); assert not torch.is_grad_enabled()
 
 def test_grad_cam_at_the_head_conv_is_the_cam_of_the_class():
     model = pretrained_like(small_model()).eval()
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(2))
     for cls in (0, 1, torch.tensor([1, 0, 0, 1])):
-        torch.testing.assert_close(grad_cam(model, x, model[-4], cls), cam(model, x, cls), atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad_cam(model, x, model.head, cls), cam(model, x, cls), atol=1e-5, rtol=0)
     with torch.no_grad(): pred = model(x).argmax(1)
-    torch.testing.assert_close(grad_cam(model, x, model[-4]), cam(model, x, pred), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_cam(model, x, model.head), cam(model, x, pred), atol=1e-5, rtol=0)
 
 def test_cam_maps_are_cam_and_grad_cam_from_one_pass():
     model = pretrained_like(small_model()).eval()
@@ -142,7 +182,7 @@ def test_cam_maps_are_cam_and_grad_cam_from_one_pass():
     h.remove()
     assert len(calls) == 1 and set(ms) == {'CAM', 'Grad-CAM', 'CAM, predicted'}
     torch.testing.assert_close(ms['CAM'], cam(model, x, y), atol=1e-5, rtol=0)
-    torch.testing.assert_close(ms['Grad-CAM'], grad_cam(model, x, model[-5], y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ms['Grad-CAM'], grad_cam(model, x, body_output(model), y), atol=1e-5, rtol=0)
     torch.testing.assert_close(ms['CAM, predicted'], cam(model, x), atol=1e-5, rtol=0)
     with torch.no_grad(): torch.testing.assert_close(lp, model(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(cam_maps(model, x, y, model[-6])[0]['Grad-CAM'], grad_cam(model, x, model[-6], y), atol=1e-5, rtol=0)
@@ -151,10 +191,10 @@ def test_maps_of_an_effnet_model():
     "The method does not care about the body: EfficientNet-Lite0's 1280 channels and ReLU6, same maps."
     model = cam_model(effnet_body()[0]).eval()
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(4))
-    with SaveFeatures(model[-5]) as sf: maps = cam(model, x)
+    with SaveFeatures(body_output(model)) as sf: maps = cam(model, x)
     assert sf.features.shape == (2, 1280, 3, 3) and maps.shape == (2, 96, 96)
-    torch.testing.assert_close(grad_cam(model, x, model[-4], 1), cam(model, x, 1), atol=1e-5, rtol=0)
-    assert grad_cam(model, x, model[-5]).shape == (2, 96, 96)
+    torch.testing.assert_close(grad_cam(model, x, model.head, 1), cam(model, x, 1), atol=1e-5, rtol=0)
+    assert grad_cam(model, x, body_output(model)).shape == (2, 96, 96)
 
 
 # ---- the pointing game
@@ -179,10 +219,10 @@ def test_composites_and_the_game_on_one_photo():
     ims = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     c, idx, boxes = composites(ims, 3, 128, 64, bg='grey')
     assert idx.tolist() == [0, 0, 0] and c.shape == (3, 3, 128, 128)
-    with pytest.raises(ValueError, match="bg='blur' pastes each photo on another one, blurred: expected 2 photos or more, got 1"): composites(ims, 3, 128, 64)
+    with pytest.raises(ValueError, match="bg='blur' pastes each photo on another, blurred: expected 2 photos or more, got 1"): composites(ims, 3, 128, 64)
     model = small_model().eval()
     r = pointing_game(model, ims, torch.tensor([1]), lambda x: x.float() / 255, n=3, bg='grey')
-    assert r['hits']['CAM'].shape == (3,) and r['chance'] == 0.25
+    assert r.hits['CAM'].shape == (3,) and r.chance == 0.25 and isinstance(r, Pointing)
 
 class ColourModel(nn.Module):
     "A stand-in for the game: class 0 photos are dark, class 1 photos bright; its maps light the pixels of the class asked for."
@@ -202,8 +242,8 @@ def test_pointing_game_pairs_every_composite_with_its_own_label():
     ys = torch.randint(0, 2, (12,), generator=g)
     ims = torch.where(ys[:, None, None, None] == 1, 255, 0).expand(12, 3, 16, 16).to(torch.uint8)
     r = pointing_game(ColourModel(), ims, ys, lambda x: x.float() / 127.5 - 1, colour_maps, n=45, bg='grey', bs=8)
-    assert r['hits']['colour'].shape == (45,) and r['right'].shape == (45,)
-    assert r['colour'] == 1 and r['accuracy'] == 1 and r['chance'] == 0.25
+    assert r.hits['colour'].shape == (45,) and r.right.shape == (45,)
+    assert r.rates == {'colour': 1} and r.accuracy == 1 and r.chance == 0.25
     _, idx, _ = composites(ims, 45, 32, 16, 'grey')
     assert (ys[idx] == 1).any() and (ys[idx] == 0).any()  # both classes in the game
 
@@ -211,12 +251,12 @@ def test_full_size_shapes_resnet34_at_224():
     "Full size's shapes (resnet34, 224 pixels, canvas 448) with random weights: a 7×7 map, 14×14 on a composite."
     model = small_model(arch='resnet34').eval()
     x = torch.randn(2, 3, 224, 224)
-    with SaveFeatures(model[-4]) as sf: maps = cam(model, x)
-    assert sf.features.shape == (2, 2, 7, 7) and maps.shape == (2, 224, 224) and model[-4].in_channels == 512
+    with SaveFeatures(model.head) as sf: maps = cam(model, x)
+    assert sf.features.shape == (2, 2, 7, 7) and maps.shape == (2, 224, 224) and model.head.in_channels == 512
     ims = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ms, lp = cam_maps(model, ims[:1].float() / 255, 0)
     r = pointing_game(model, ims, torch.tensor([0, 1, 0]), lambda x: x.float() / 255, n=2, bs=1)
-    assert all(r['hits'][k].shape == (2,) for k in ms) and r['chance'] == 0.25
+    assert all(r.hits[k].shape == (2,) for k in ms) and r.chance == 0.25
 
 
 # ---- crop and look again
@@ -242,11 +282,11 @@ def test_crop_photo_cuts_the_box_of_the_view_out_of_the_full_photo():
 def test_bad_input_is_named():
     model = small_model()
     with pytest.raises(ValueError, match='expected a normalised float batch'): cam(model, torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(ValueError, match='expected a normalised float batch'): grad_cam(model, torch.zeros(3, 64, 64), model[-5])
+    with pytest.raises(ValueError, match='expected a normalised float batch'): grad_cam(model, torch.zeros(3, 64, 64), body_output(model))
     with pytest.raises(TypeError, match='does not end in the CAM head'): cam(model[:-1], torch.zeros(1, 3, 64, 64))
     with pytest.raises(TypeError, match='does not end in the CAM head'): cam_maps(model[:-1], torch.zeros(1, 3, 64, 64), 0)
     with pytest.raises(ValueError, match='is not a module of the model'): grad_cam(model, torch.zeros(1, 3, 64, 64), nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match='expected classes from 0 to 1'): grad_cam(model, torch.zeros(1, 3, 64, 64), model[-5], cls=5)
+    with pytest.raises(ValueError, match='expected classes from 0 to 1'): grad_cam(model, torch.zeros(1, 3, 64, 64), body_output(model), cls=5)
     with pytest.raises(ValueError, match='cls=-1, expected classes from 0 to 1'): cam(model, torch.zeros(1, 3, 64, 64), cls=-1)
     ims = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bg='snow', expected 'blur' or 'grey'"): composites(ims, 1, 64, 32, bg='snow')

