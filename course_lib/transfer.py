@@ -29,7 +29,7 @@ __all__ = ['HEAD', 'dogscats_sizes', 'dogscats_data', 'dogscats_cbs', 'body_grou
 def dogscats_sizes():
     "The settings of lesson 8's fine-tuning at the lesson size (`size_pick`); lesson 8a reads the same model with them."
     return size_pick(quick=dict(sz=128, bs=32, n_train=600, lr=1e-2, unfrozen=1, lr_body=1e-4),
-                     medium=dict(sz=192, bs=32, n_train=None, lr=1e-2, unfrozen=1, lr_body=1e-4),
+                     medium=dict(sz=192, bs=32, n_train=2000, lr=1e-2, unfrozen=1, lr_body=1e-4),
                      full=dict(sz=224, bs=64, n_train=None, lr=1e-2, unfrozen=1, lr_body=1e-4))
 
 # %% ../nbs/08_transfer.ipynb #5690d91e

@@ -150,3 +150,33 @@ def test_streams_are_consecutive_pieces_of_the_text():
     xs = torch.cat([x for x, _ in dl], 1)
     assert torch.equal(xs, torch.arange(1000).view(10, 100))             # stream k: tokens k*100 .. k*100+99, in order
     assert torch.equal(torch.cat([y.view(10, -1) for _, y in dl], 1), xs + 1)  # the last target of stream k: stream k+1's first
+
+def test_split_text_names_a_fraction_outside_zero_to_one():
+    for pct in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f'valid_pct={pct!r}, expected a fraction strictly between 0 and 1'):
+            split_text('abcdef', pct)
+    assert split_text('ab', 0.5) == ('a', 'b')  # the shortest text that splits: one character each
+
+def test_numericalize_gives_int64_even_for_an_empty_string():
+    v = Vocab('abc')
+    for s in ('', 'ab', 'zz'): assert v.numericalize(s).dtype == torch.long, s
+
+def test_unigram_smooths_over_the_whole_vocabulary():
+    "Add-one over every token of the vocabulary: one never seen in training still has a probability, 1 / (n + V)."
+    assert math.isclose(unigram_nll(torch.tensor([0, 0]), torch.tensor([2]), 3), math.log(5))
+    assert math.isclose(unigram_nll(torch.tensor([0, 0]), torch.tensor([0]), 3), -math.log(3 / 5))
+
+def test_random_bptt_lengths_are_clamped_at_exactly_five():
+    sl = bptt_lens(20_000, 5, torch.Generator().manual_seed(0))
+    assert min(sl[:-1]) == 5 and sl.count(5) > 100  # half the draws around 5 fall below it and are clamped to 5
+
+def test_loader_needs_more_than_bs_tokens_and_makes_exactly_bs_streams():
+    with pytest.raises(ValueError, match='8 tokens for bs=8 streams, expected more than bs'): LMLoader(torch.arange(8), 8, 4)
+    for n in (9, 10, 17):  # one input per stream (and a token or more left over): still bs streams
+        x, y = next(iter(LMLoader(torch.arange(n), 8, 4)))
+        assert x.shape[0] == 8 and len(y) == x.numel(), n
+
+def test_loader_names_what_it_was_given():
+    with pytest.raises(TypeError, match=r'ids is a Tensor \(3,\) torch\.float32, expected a 1-d integer tensor'):
+        LMLoader(torch.ones(3), 2, 4)
+    with pytest.raises(TypeError, match=r'ids is a list'): LMLoader([1, 2, 3], 2, 4)

@@ -45,6 +45,24 @@ def test_bad_size_and_missing_notebook_are_refused(tmp_path):
     assert r.returncode != 0 and "COURSE_SIZE='huge'" in r.stderr
     r = run_lessons(tmp_path, tmp_path/'nope.ipynb')
     assert r.returncode != 0 and 'no such notebook' in r.stderr
+    r = run_lessons(tmp_path, 'nope')
+    assert r.returncode != 0 and 'no such notebook' in r.stderr and 'nope.ipynb' in r.stderr
+
+def test_a_lesson_is_named_without_its_folder(tmp_path):
+    r = run_lessons(tmp_path/'out', '00_core', MPLBACKEND='Agg')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path/'out'/'00_core.ipynb').is_file()
+
+def test_each_planted_failure_still_finds_the_fix_it_undoes(tmp_path):
+    "tools/planted.py undoes a fix by a text replacement: each fix must still occur exactly once, or the plant is moot."
+    import importlib.util, shutil
+    spec = importlib.util.spec_from_file_location('planted', ROOT/'tools'/'planted.py')
+    planted = importlib.util.module_from_spec(spec); spec.loader.exec_module(planted)
+    for pid, what, f, fix, old, targets, extra in planted.PLANTS:
+        copy = tmp_path/pid/Path(f).name
+        copy.parent.mkdir(); shutil.copy(ROOT/f, copy)
+        planted.replace_once(copy, fix, old)  # raises SystemExit unless the fix occurs once
+        assert copy.read_text(encoding='utf-8') != (ROOT/f).read_text(encoding='utf-8'), pid
 
 
 def lesson_nb(path, cells):

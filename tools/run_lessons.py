@@ -207,7 +207,7 @@ def main():
     p.add_argument('--timeout', type=int, default=None, help='seconds allowed per cell (jupyter) or notebook (execnb); default: no limit')
     p.add_argument('--engine', choices=('jupyter', 'execnb'), default='jupyter', help='how to run each notebook (see above)')
     p.add_argument('--execnb-one', nargs=2, help=argparse.SUPPRESS)
-    p.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/[0-9]*.ipynb)')
+    p.add_argument('notebooks', nargs='*', help='notebooks to run, as paths or names in nbs/ (default: every nbs/[0-9]*.ipynb)')
     a = p.parse_args()
     if a.execnb_one: return _execnb_one(*a.execnb_one)
     from course_lib.core import gpu_note
@@ -218,7 +218,10 @@ def main():
     os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'  # figures become image/png outputs
     out = Path(a.out or os.environ.get('COURSE_RUN_DIR') or ROOT/'runs'/f'{time.strftime("%Y%m%d-%H%M%S")}-{size}')
     out.mkdir(parents=True, exist_ok=True)
-    nbs = [Path(n) for n in a.notebooks] or sorted(NBS.glob('[0-9]*.ipynb'))
+    def find(n):  # a path, or a notebook's name in nbs/ with or without .ipynb
+        p = Path(n)
+        return p if p.is_file() else NBS/(p.name if p.suffix == '.ipynb' else p.name + '.ipynb')
+    nbs = [find(n) for n in a.notebooks] or sorted(NBS.glob('[0-9]*.ipynb'))
     if missing := [str(n) for n in nbs if not n.is_file()]: sys.exit(f'no such notebook: {", ".join(missing)}')
     flags = default_flags(dev)
     print(f"COURSE_SIZE={size} ({why}); cell flags on: {' '.join(sorted(flags)) or 'none'}")
