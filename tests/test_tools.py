@@ -61,7 +61,7 @@ def test_each_planted_failure_still_finds_the_fix_it_undoes(tmp_path):
     for pid, what, f, fix, old, targets, extra in planted.PLANTS:
         copy = tmp_path/pid/Path(f).name
         copy.parent.mkdir(); shutil.copy(ROOT/f, copy)
-        planted.replace_once(copy, fix, old)  # raises SystemExit unless the fix occurs once
+        for fx, ol in planted.pairs(fix, old): planted.replace_once(copy, fx, ol)  # SystemExit unless each fix occurs once
         assert copy.read_text(encoding='utf-8') != (ROOT/f).read_text(encoding='utf-8'), pid
 
 
