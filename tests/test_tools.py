@@ -59,10 +59,11 @@ def test_each_planted_failure_still_finds_the_fix_it_undoes(tmp_path):
     spec = importlib.util.spec_from_file_location('planted', ROOT/'tools'/'planted.py')
     planted = importlib.util.module_from_spec(spec); spec.loader.exec_module(planted)
     for pid, what, f, fix, old, targets, extra in planted.PLANTS:
-        copy = tmp_path/pid/Path(f).name
-        copy.parent.mkdir(); shutil.copy(ROOT/f, copy)
-        for fx, ol in planted.pairs(fix, old): planted.replace_once(copy, fx, ol)  # SystemExit unless each fix occurs once
-        assert copy.read_text(encoding='utf-8') != (ROOT/f).read_text(encoding='utf-8'), pid
+        for k, (ff, fx, ol) in enumerate(planted.pairs(f, fix, old)):
+            copy = tmp_path/pid/str(k)/Path(ff).name
+            copy.parent.mkdir(parents=True); shutil.copy(ROOT/ff, copy)
+            planted.replace_once(copy, fx, ol)  # SystemExit unless the fix occurs once
+            assert copy.read_text(encoding='utf-8') != (ROOT/ff).read_text(encoding='utf-8'), pid
 
 
 def lesson_nb(path, cells):

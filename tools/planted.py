@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (id, what it plants back, file, text of the fix, text before the fix (tuples: several), targets, extra environment)
+# (id, what it plants back, file, text of the fix, text before the fix, targets, extra environment); tuples: several
 PLANTS = [
     ('07-replay', "07_cifar replays the pipeline's crops with a CPU generator on a CPU batch", 'nbs/07_cifar.ipynb',
      "norm(flip_pad_crop(xb0.to(dev), generator=torch.Generator(dev).manual_seed(0))).cpu()",
@@ -29,10 +29,14 @@ PLANTS = [
     # 07b reads tta's predictions only as accuracies, log losses and confusion_matrix (CPU counts: plant 02-confusion)
     ('07-step', "07_cifar times a GPU model's step on a CPU batch", 'nbs/07_cifar.ipynb',
      "xb, yb = (t.to(dev) for t in next(iter(data.train_dl)))", "xb, yb = next(iter(data.train_dl))", ['nb:07_cifar'], {}),
-    ('02-confusion', "confusion_matrix keeps its counts on the GPU and plot_confusion gives them to matplotlib", 'nbs/02_minibatch.ipynb',
-     ("return torch.bincount(targ * c + pred, minlength=c*c).view(c, c).cpu()",
+    # 07b's confusion plot fails on a GPU only with all three guards gone: tta's predictions, the counts, the plot
+    ('02-confusion', "tta hands back GPU predictions, confusion_matrix keeps GPU counts, plot_confusion gives them to matplotlib",
+     ('nbs/07_cifar.ipynb', 'nbs/02_minibatch.ipynb', 'nbs/02_minibatch.ipynb'),
+     ("return torch.cat(ps).cpu(), torch.cat(ys).cpu()",
+      "return torch.bincount(targ * c + pred, minlength=c*c).view(c, c).cpu()",
       "ax, cm = ax or plt.subplots(figsize=(6, 6))[1], torch.as_tensor(cm).cpu()"),
-     ("return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)", "ax = ax or plt.subplots(figsize=(6, 6))[1]"),
+     ("return torch.cat(ps), torch.cat(ys)", "return torch.bincount(targ * c + pred, minlength=c*c).view(c, c)",
+      "ax = ax or plt.subplots(figsize=(6, 6))[1]"),
      ['nb:07b_resnet2'], {}),
     ('08-buffer', "08_transfer compares a GPU buffer with a CPU tensor", 'nbs/08_transfer.ipynb',
      "test_close(bns[0].running_mean.cpu(), mu, eps=1e-4)", "test_close(bns[0].running_mean, mu, eps=1e-4)", ['nb:08_transfer'], {}),
@@ -75,9 +79,10 @@ def replace_once(path, old, new):
     hits[0]['source'] = ''.join(hits[0]['source']).replace(old, new).splitlines(keepends=True)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
 
-def pairs(fix, old):
-    "The (fix, text before it) replacements of a plant: one, or several given as tuples (fixes that guard each other)."
-    return list(zip(fix, old)) if isinstance(fix, tuple) else [(fix, old)]
+def pairs(f, fix, old):
+    "The (file, fix, text before it) replacements of a plant: one, or several as tuples (fixes that guard each other)."
+    if not isinstance(fix, tuple): return [(f, fix, old)]
+    return list(zip(f if isinstance(f, tuple) else (f,) * len(fix), fix, old))
 
 def run_target(target, clone, env):
     "Run one target in the clone; True if it passed."
@@ -108,7 +113,7 @@ def main():
             ok, out = run_target(t, clone, envs['stand-in'])
             if not ok: raise SystemExit(f'{t} fails under the stand-in without any plant: fix that first\n{out[-3000:]}')
         for pid, what, f, fix, old, targets, extra in plants:
-            for fx, ol in pairs(fix, old): replace_once(clone/f, fx, ol)
+            for ff, fx, ol in pairs(f, fix, old): replace_once(clone/ff, fx, ol)
             export()
             for t in targets:
                 t0 = time.time()
